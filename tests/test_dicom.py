@@ -53,7 +53,7 @@ def test_monochrome1_chest_renders_bone_bright_lungs_dark() -> None:
     spine = p[int(0.30 * h) : int(0.45 * h), int(0.47 * w) : int(0.53 * w)].mean()
     assert right_lung < spine - 0.1
     assert left_lung < spine - 0.1
-    assert p.dtype == np.float32 and 0.0 <= p.min() and p.max() <= 1.0
+    assert p.dtype == np.float32 and p.min() >= 0.0 and p.max() <= 1.0
 
 
 def test_monochrome1_inversion_happens_after_voi() -> None:

@@ -6,7 +6,7 @@ Only typer and rich are imported at start-up; each command imports what it needs
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
@@ -24,14 +24,14 @@ app = typer.Typer(
 console = Console(stderr=True)
 
 
-class WindowChoice(str, Enum):
+class WindowChoice(StrEnum):
     auto = "auto"
     header = "header"
     none = "none"
     percentile = "percentile"
 
 
-class ResizeChoice(str, Enum):
+class ResizeChoice(StrEnum):
     letterbox = "letterbox"
     squash = "squash"
 
@@ -49,7 +49,9 @@ def _root(
 
 @app.command()
 def ingest(
-    src: Annotated[Path, typer.Argument(help="A file or folder of DICOM/PNG/JPEG images (recursive).")],
+    src: Annotated[
+        Path, typer.Argument(help="A file or folder of DICOM/PNG/JPEG images (recursive).")
+    ],
     out: Annotated[Path, typer.Option("--out", help="Output folder: manifest.csv + cache/.")],
     size: Annotated[int, typer.Option(help="Square output size in pixels.")] = 1024,
     labels: Annotated[
@@ -57,9 +59,15 @@ def ingest(
         typer.Option(help="Labels CSV: path,label[,patient_id,...], paths relative to the CSV."),
     ] = None,
     workers: Annotated[int | None, typer.Option(help="Decoding processes (default: CPUs).")] = None,
-    resize: Annotated[ResizeChoice, typer.Option(help="Keep the aspect ratio or squash.")] = ResizeChoice.letterbox,
-    window: Annotated[WindowChoice, typer.Option(help="VOI: header when present else percentile (auto).")] = WindowChoice.auto,
-    retry_errors: Annotated[bool, typer.Option("--retry-errors", help="Decode earlier error rows again.")] = False,
+    resize: Annotated[
+        ResizeChoice, typer.Option(help="Keep the aspect ratio or squash.")
+    ] = ResizeChoice.letterbox,
+    window: Annotated[
+        WindowChoice, typer.Option(help="VOI: header when present else percentile (auto).")
+    ] = WindowChoice.auto,
+    retry_errors: Annotated[
+        bool, typer.Option("--retry-errors", help="Decode earlier error rows again.")
+    ] = False,
 ) -> None:
     """Decode images into a uint16 cache and write OUT/manifest.csv (one row per file).
 

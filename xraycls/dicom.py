@@ -211,12 +211,12 @@ def render(
     else:
         raise ValueError(f"unknown window {window!r}: use auto, header, none, percentile or (c, w)")
 
+    pixels = out.astype(np.float32, copy=False)  # every branch returned a fresh array in [0, 1]
     if raw.invert:
-        out = 1.0 - out
+        np.subtract(np.float32(1.0), pixels, out=pixels)
         applied += ", MONOCHROME1 inverted"
     if raw.padding is not None:
-        out[raw.padding] = 0.0
-    pixels = np.clip(out, 0.0, 1.0).astype(np.float32, copy=False)
+        pixels[raw.padding] = 0.0
     return XrayImage(pixels=pixels, meta=replace(meta, window_applied=applied))
 
 
@@ -234,11 +234,18 @@ def apply_window(
     x = values.astype(np.float32, copy=False)
     function = (function or "LINEAR").upper()
     if function == "SIGMOID":
-        return (1.0 / (1.0 + np.exp(-4.0 * (x - center) / max(width, 1e-6)))).astype(np.float32)
+        out = np.multiply(x - center, -4.0 / max(width, 1e-6), dtype=np.float32)
+        np.exp(out, out=out)
+        out += 1.0
+        return np.reciprocal(out, out=out)
     if function == "LINEAR_EXACT":
-        return np.clip((x - center) / max(width, 1e-6) + 0.5, 0.0, 1.0)
-    # LINEAR: the -0.5 and (w - 1) come from the standard's integer-centred definition.
-    return np.clip((x - (center - 0.5)) / max(width - 1.0, 1e-6) + 0.5, 0.0, 1.0)
+        lo, scale = center - width / 2.0, 1.0 / max(width, 1e-6)
+    else:
+        # LINEAR: the -0.5 and (w - 1) come from the standard's integer-centred definition.
+        lo, scale = center - 0.5 - (width - 1.0) / 2.0, 1.0 / max(width - 1.0, 1e-6)
+    out = x - np.float32(lo)  # one temporary, then in place: these are 4-megapixel images
+    out *= np.float32(scale)
+    return np.clip(out, 0.0, 1.0, out=out)
 
 
 def sniff_format(head: bytes) -> Literal["dicom", "png", "jpeg"] | None:
@@ -343,7 +350,9 @@ def _decode_dataset(path: Path, ds: Any, *, max_pixels: int) -> RawImage:
 
     missing = [k for k in ("Rows", "Columns", "BitsAllocated") if ds.get(k) is None]
     if missing:
-        raise DicomReadError(path, f"pixel data without the required element(s) {', '.join(missing)}")
+        raise DicomReadError(
+            path, f"pixel data without the required element(s) {', '.join(missing)}"
+        )
     _infer_transfer_syntax(ds)
     rows, cols = int(ds.Rows), int(ds.Columns)
     spp = int(ds.get("SamplesPerPixel", 1) or 1)
@@ -557,7 +566,9 @@ def _str(ds: Any, keyword: str) -> str | None:
 
 
 def _sop_class_name(ds: Any) -> str | None:
-    uid = ds.get("SOPClassUID") or (ds.file_meta.get("MediaStorageSOPClassUID") if hasattr(ds, "file_meta") else None)
+    uid = ds.get("SOPClassUID") or (
+        ds.file_meta.get("MediaStorageSOPClassUID") if hasattr(ds, "file_meta") else None
+    )
     if "DirectoryRecordSequence" in ds:
         return "DICOMDIR"
     return getattr(uid, "name", None) if uid else None
@@ -597,7 +608,9 @@ def _load_raster(path: Path, data: bytes, *, max_pixels: int) -> RawImage:
         nominal = (0.0, 255.0)
     else:
         rgb = np.asarray(im.convert("RGB"))
-        if not (np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 1], rgb[..., 2])):
+        if not (
+            np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 1], rgb[..., 2])
+        ):
             notes.append(f"colour ({mode}) converted to luminance")
         values = _luminance(rgb)
         nominal = (0.0, 255.0)
@@ -621,7 +634,9 @@ def _load_raster(path: Path, data: bytes, *, max_pixels: int) -> RawImage:
 def _linear(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
     if hi <= lo:
         return np.zeros(values.shape, np.float32)
-    return np.clip((values.astype(np.float32, copy=False) - lo) / (hi - lo), 0.0, 1.0)
+    out = values.astype(np.float32, copy=False) - np.float32(lo)
+    out *= np.float32(1.0 / (hi - lo))
+    return np.clip(out, 0.0, 1.0, out=out)
 
 
 def _luminance(rgb: np.ndarray) -> np.ndarray:
@@ -633,7 +648,9 @@ def read_bytes(path: Path) -> bytes:
     try:
         size = path.stat().st_size
         if size > MAX_FILE_BYTES:
-            raise ImageTooLargeError(path, f"file is {size / 1024**3:.1f} GiB, over the 2 GiB limit")
+            raise ImageTooLargeError(
+                path, f"file is {size / 1024**3:.1f} GiB, over the 2 GiB limit"
+            )
         return path.read_bytes()
     except ImageReadError:
         raise

@@ -45,7 +45,10 @@ class IngestSummary:
 
     def line(self) -> str:
         """The one-line summary the CLI prints."""
-        kinds = ", ".join(f"{n} {c}" for c, n in self.errors_by_code.most_common())
+        kinds = ", ".join(
+            f"{n} {c}"
+            for c, n in sorted(self.errors_by_code.items(), key=lambda kv: (-kv[1], kv[0]))
+        )
         parts = [f"{self.ok} ok", f"{self.error} error" + (f" ({kinds})" if kinds else "")]
         if self.reused:
             parts.append(f"{self.reused} unchanged from the previous run")
@@ -169,7 +172,9 @@ def process_one(path: str, prep: Preprocessing, cache_root: str) -> dict[str, st
         "photometric": m.photometric or "",
         "rows": str(m.original_shape[0]),
         "cols": str(m.original_shape[1]),
-        "pixel_spacing": "" if m.pixel_spacing is None else f"{m.pixel_spacing[0]:g}\\{m.pixel_spacing[1]:g}",
+        "pixel_spacing": ""
+        if m.pixel_spacing is None
+        else f"{m.pixel_spacing[0]:g}\\{m.pixel_spacing[1]:g}",
         "window": m.window_applied,
         "warnings": "; ".join(m.warnings),
         "sop_instance_uid": m.sop_instance_uid or "",
@@ -178,26 +183,37 @@ def process_one(path: str, prep: Preprocessing, cache_root: str) -> dict[str, st
     return row
 
 
+def _process_chunk(paths: list[str], prep: Preprocessing, cache_root: str) -> list[dict[str, str]]:
+    return [process_one(p, prep, cache_root) for p in paths]
+
+
 def _run(
     todo: list[Path], prep: Preprocessing, cache_root: Path, workers: int | None
 ) -> Iterator[dict[str, str]]:
-    """Yield rows as files finish, decoding in worker processes with bounded look-ahead."""
+    """Yield rows as files finish, decoding in worker processes with bounded look-ahead.
+
+    Files go to workers in small chunks: one task per 8 KB JPEG would cost more in inter-process
+    traffic than decoding it. A kill loses at most the chunks in flight (they are redone).
+    """
     n = workers or min(os.cpu_count() or 1, 8)
     if n <= 1 or len(todo) <= 1:
         for p in todo:
             yield process_one(str(p), prep, str(cache_root))
         return
-    pending: set[Future[dict[str, str]]] = set()
-    it = iter(todo)
+    size = max(1, min(16, len(todo) // (4 * n)))
+    chunks = [[str(p) for p in todo[i : i + size]] for i in range(0, len(todo), size)]
+    pending: set[Future[list[dict[str, str]]]] = set()
     with ProcessPoolExecutor(max_workers=n) as pool:
-        for p in it:
-            pending.add(pool.submit(process_one, str(p), prep, str(cache_root)))
-            if len(pending) >= 4 * n:
+        for chunk in chunks:
+            pending.add(pool.submit(_process_chunk, chunk, prep, str(cache_root)))
+            if len(pending) >= 2 * n:
                 finished, pending = wait(pending, return_when=FIRST_COMPLETED)
-                yield from (f.result() for f in finished)
+                for f in finished:
+                    yield from f.result()
         while pending:
             finished, pending = wait(pending, return_when=FIRST_COMPLETED)
-            yield from (f.result() for f in finished)
+            for f in finished:
+                yield from f.result()
 
 
 def _fold_previous_run(
@@ -265,10 +281,7 @@ def _ignored_files(src: Path, inputs: list[Path]) -> list[str]:
         return []
     chosen = set(inputs)
     return sorted(
-        str(Path(d) / f)
-        for d, dirs, fs in os.walk(src)
-        for f in fs
-        if (Path(d) / f) not in chosen
+        str(Path(d) / f) for d, dirs, fs in os.walk(src) for f in fs if (Path(d) / f) not in chosen
     )
 
 

@@ -70,7 +70,9 @@ def read_labels(csv_path: str | Path) -> list[dict[str, str]]:
         if absolute in seen:
             raise LabelsError(f"{csv_path}:{i}: path {rel!r} repeats row {seen[absolute]}")
         seen[absolute] = i
-        out.append({k: (v or "").strip() for k, v in row.items() if k is not None} | {"path": absolute})
+        out.append(
+            {k: (v or "").strip() for k, v in row.items() if k is not None} | {"path": absolute}
+        )
     return out
 
 
@@ -80,7 +82,11 @@ def read_table(path: str | Path) -> list[dict[str, str]]:
     with path.open(newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
         n = len(reader.fieldnames or [])
-        return [row for row in reader if None not in row and len(row) == n and all(v is not None for v in row.values())]
+        return [
+            row
+            for row in reader
+            if None not in row and len(row) == n and all(v is not None for v in row.values())
+        ]
 
 
 def write_table(path: str | Path, rows: Iterable[Mapping[str, object]], columns: list[str]) -> None:
@@ -119,7 +125,7 @@ class Journal:
         if not new:
             self._repair_tail()
         self._f = self.path.open("a", newline="", encoding="utf-8")
-        self._w = csv.DictWriter(self._f, fieldnames=columns, extrasaction="ignore")
+        self._w = csv.DictWriter(self._f, fieldnames=self.columns, extrasaction="ignore")
         if new:
             self._w.writeheader()
             self._f.flush()

@@ -83,21 +83,30 @@ def resize_to_square(
 ) -> tuple[np.ndarray, Letterbox]:
     """Resize a float image to ``size``x``size``: aspect kept with black bars, or squashed.
 
-    Uses Pillow's separable bilinear filter in float mode, which widens its support when
-    shrinking, so downsampling is antialiased (no aliasing of rib edges or grid lines).
+    Shrinking uses OpenCV's area averaging (antialiased: no moiré from grids or rib edges);
+    enlarging (e.g. 224-px sources) uses bilinear interpolation. OpenCV is 5-10x faster than
+    Pillow's float path here and is already a dependency (via grad-cam).
     """
-    from PIL import Image
+    import cv2
 
     box = Letterbox.fit(pixels.shape[:2], size, mode)
-    src = Image.fromarray(np.ascontiguousarray(pixels, dtype=np.float32), mode="F")
-    if (box.height, box.width) != pixels.shape[:2]:
-        src = src.resize((box.width, box.height), Image.Resampling.BILINEAR)
-    resized = np.asarray(src, dtype=np.float32)
+    src = np.ascontiguousarray(pixels, dtype=np.float32)
+    if (box.height, box.width) != src.shape[:2]:
+        shrinking = box.height * box.width < src.shape[0] * src.shape[1]
+        interp = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
+        src = cv2.resize(src, (box.width, box.height), interpolation=interp)
     if mode == "squash":
-        return np.clip(resized, 0.0, 1.0), box
+        return np.clip(src, 0.0, 1.0, out=src), box
     out = np.zeros((size, size), np.float32)
-    out[box.top : box.top + box.height, box.left : box.left + box.width] = resized
-    return np.clip(out, 0.0, 1.0), box
+    np.clip(src, 0.0, 1.0, out=out[box.top : box.top + box.height, box.left : box.left + box.width])
+    return out, box
+
+
+def to_uint16(pixels: np.ndarray) -> np.ndarray:
+    """[0, 1] floats to 0..65535 (rounded), the cache's storage format."""
+    scaled = np.multiply(pixels, np.float32(65535.0), dtype=np.float32)
+    np.clip(scaled, 0.0, 65535.0, out=scaled)
+    return np.rint(scaled, out=scaled).astype(np.uint16)
 
 
 class ImageCache:
@@ -115,20 +124,28 @@ class ImageCache:
         """Where an entry lives (whether or not it exists)."""
         return self.root / key[:2] / f"{key}.npy"
 
-    def get(self, key: str) -> np.ndarray | None:
-        """The cached float32 image in [0, 1], or None when absent or unreadable."""
-        p = self.path(key)
+    def get_uint16(self, key: str) -> np.ndarray | None:
+        """The stored uint16 image (0..65535 for [0, 1]), or None when absent or unreadable.
+
+        Data loaders use this and convert whole batches to float, which halves the bytes that
+        cross from worker processes.
+        """
         try:
-            arr = np.load(p, allow_pickle=False)
+            arr = np.load(self.path(key), allow_pickle=False)
         except (FileNotFoundError, ValueError, OSError, EOFError):
             return None
-        return arr.astype(np.float32) / 65535.0
+        return arr if arr.dtype == np.uint16 and arr.ndim == 2 else None
+
+    def get(self, key: str) -> np.ndarray | None:
+        """The cached float32 image in [0, 1], or None when absent or unreadable."""
+        arr = self.get_uint16(key)
+        return None if arr is None else np.multiply(arr, np.float32(1 / 65535), dtype=np.float32)
 
     def put(self, key: str, pixels: np.ndarray) -> Path:
         """Store a [0, 1] image atomically (write to a temp file, then rename)."""
         p = self.path(key)
         p.parent.mkdir(parents=True, exist_ok=True)
-        q = np.round(np.clip(pixels, 0.0, 1.0) * 65535.0).astype(np.uint16)
+        q = to_uint16(pixels)
         fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=".tmp-", suffix=".npy")
         try:
             with os.fdopen(fd, "wb") as f:
