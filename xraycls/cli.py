@@ -109,6 +109,49 @@ def ingest(
     typer.echo(f"ingest: {summary.line()}")
 
 
+@app.command()
+def train(
+    config: Annotated[Path, typer.Option("--config", help="Experiment YAML (see configs/).")],
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Override a key: --set model.name=resnet50 (repeatable)."),
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Run folder (default runs/<config name>); re-running resumes it."),
+    ] = None,
+) -> None:
+    """Cross-validate a backbone by patient and write a run bundle.
+
+    Prints per-fold and pooled out-of-fold AUROC. The bundle holds config.yaml, per-fold
+    safetensors weights, labels.json, metrics.json, oof_predictions.csv and training curves.
+    """
+    from xraycls.config import load_config
+    from xraycls.errors import ConfigError
+
+    try:
+        cfg = load_config(config, set_ or [])
+    except ConfigError as e:
+        console.print(f"[red]config error:[/red] {e}")
+        raise typer.Exit(2) from e
+    run_dir = out or Path("runs") / config.stem
+    from xraycls.models import PretrainedWeightsError
+    from xraycls.train import run_training
+
+    try:
+        result = run_training(
+            cfg, run_dir, log=lambda m: console.print(m, markup=False, highlight=False)
+        )
+    except (ConfigError, PretrainedWeightsError) as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from e
+    pooled = result.metrics["pooled_oof"]
+    typer.echo(
+        f"train: pooled OOF AUROC {pooled['auroc']:.4f} (accuracy {pooled['accuracy']:.4f}, "
+        f"{result.metrics['n_images']} images, {cfg.cv.folds} folds) in {result.seconds:.0f} s -> {run_dir}"
+    )
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

@@ -1,0 +1,205 @@
+"""Experiment configuration: typed, strict, and saved with every run.
+
+A config is YAML validated by pydantic models that forbid unknown keys (a typo is an error, not
+a silently ignored setting). ``--set a.b=c`` overrides any key; the value is parsed as YAML, so
+``--set train.stages='[{epochs: 1, train: all, lr: 1e-4}]'`` works.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from xraycls.errors import ConfigError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Strict):
+    """The network."""
+
+    name: str = "swin_tiny"
+    image_size: int = 1024
+    pretrained: str | None = None
+    """A local HF directory, a .safetensors file, or a hub id (needs the hub cache offline)."""
+    grad_checkpointing: bool = False
+
+    @field_validator("image_size")
+    @classmethod
+    def _multiple_of_32(cls, v: int) -> int:
+        if v < 32 or v % 32:
+            raise ValueError(f"must be a positive multiple of 32, got {v}")
+        return v
+
+
+class DataConfig(_Strict):
+    """Where the images and labels are, and how images become tensors."""
+
+    labels: Path = Path("../shared/data/cxr-pneumonia-224/sample-1000.csv")
+    """A labels CSV (``path,label[,patient_id,...]``, paths relative to it) or an ingest manifest."""
+    label_column: str = "label"
+    patient_column: str = "patient_id"
+    classes: list[str] | None = None
+    """Class order (the last one is "positive" for binary metrics); default: sorted labels."""
+    limit: int | None = Field(default=None, ge=4)
+    """Use a stratified, patient-grouped subset of this many images (smoke runs)."""
+    resize: Literal["letterbox", "squash"] = "letterbox"
+    window: Literal["auto", "header", "none", "percentile"] = "auto"
+    cache_dir: Path | None = None
+    """On-disk uint16 cache of preprocessed images; worth it for full-size DICOM, not 224-px JPEG."""
+    num_workers: int = Field(default=0, ge=0)
+
+
+class AugmentConfig(_Strict):
+    """Radiograph-safe augmentation (MONAI): small geometry and contrast changes, no flips."""
+
+    enabled: bool = True
+    prob: float = Field(default=0.8, ge=0, le=1)
+    rotate_deg: float = Field(default=5.0, ge=0, le=45)
+    scale: float = Field(default=0.05, ge=0, le=0.5)
+    translate: float = Field(default=0.03, ge=0, le=0.5)
+    gamma: tuple[float, float] = (0.8, 1.25)
+    hflip: bool = False
+    """Off by default: the heart is on the left; flipping teaches situs inversus."""
+
+
+_TRAIN_SPEC = re.compile(r"^(head|all|last_stages\((\d+)\))$")
+
+
+class StageConfig(_Strict):
+    """One training stage: which parameters train, for how long, at which learning rate."""
+
+    epochs: int = Field(ge=1)
+    train: str = "all"
+    """``head``, ``all`` or ``last_stages(N)`` (the head plus the last N backbone stages)."""
+    lr: float = Field(gt=0)
+    weight_decay: float = Field(default=0.05, ge=0)
+    layer_decay: float | None = Field(default=None, gt=0, le=1)
+    """Each stage further from the head gets ``lr * layer_decay**distance``."""
+    warmup_epochs: float = Field(default=0.0, ge=0)
+
+    @field_validator("train")
+    @classmethod
+    def _train_spec(cls, v: str) -> str:
+        v = v.replace(" ", "")
+        if not _TRAIN_SPEC.match(v):
+            raise ValueError(f"must be 'head', 'all' or 'last_stages(N)', got {v!r}")
+        return v
+
+
+class TrainConfig(_Strict):
+    """The optimisation loop."""
+
+    stages: list[StageConfig] = Field(
+        default_factory=lambda: [
+            StageConfig(epochs=2, train="head", lr=1e-3),
+            StageConfig(epochs=3, train="last_stages(2)", lr=3e-4),
+            StageConfig(epochs=10, train="all", lr=1e-4, layer_decay=0.75),
+        ]
+    )
+    batch_size: int = Field(default=8, ge=1)
+    accumulate: int = Field(default=1, ge=1)
+    """Gradient accumulation steps (effective batch = batch_size * accumulate)."""
+    amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
+    """auto: bf16 on CUDA (fp16 + GradScaler without bf16), bf16 on CPUs with AMX/AVX512-BF16,
+    otherwise fp32 (bf16 autocast is 7-100x slower on AVX2-only CPUs)."""
+    channels_last: Literal["auto", "on", "off"] = "auto"
+    class_weighting: bool = True
+    label_smoothing: float = Field(default=0.0, ge=0, lt=1)
+    early_stopping_patience: int | None = Field(default=3, ge=1)
+    """Stop after this many epochs without inner-validation AUROC gain (last stage only)."""
+    inner_val_fraction: float = Field(default=0.15, gt=0, lt=0.5)
+    """Patients held out of each training fold for early stopping and checkpoint selection, so
+    the outer fold's out-of-fold predictions are never used to choose anything."""
+    device: str = "auto"
+    threads: int | None = None
+
+    @field_validator("stages")
+    @classmethod
+    def _non_empty(cls, v: list[StageConfig]) -> list[StageConfig]:
+        if not v:
+            raise ValueError("at least one stage is required")
+        return v
+
+
+class CVConfig(_Strict):
+    """Patient-grouped cross-validation."""
+
+    folds: int = Field(default=5, ge=2)
+    refit: bool = False
+    """Also train one model on all data (the bundle's ``weights.safetensors``)."""
+
+
+class Config(_Strict):
+    """A whole experiment."""
+
+    seed: int = 0
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    cv: CVConfig = Field(default_factory=CVConfig)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Config:
+        if self.data.limit is not None and self.data.limit < 2 * self.cv.folds:
+            raise ValueError(f"data.limit={self.data.limit} is too small for {self.cv.folds} folds")
+        return self
+
+    def to_yaml(self) -> str:
+        """The resolved config as YAML (what a run saves as ``config.yaml``)."""
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config and apply ``key.path=value`` overrides.
+
+    Raises:
+        ConfigError: Unreadable YAML, an unknown key, a bad value, or a malformed override; the
+            message names the file and the key.
+    """
+    data: dict[str, Any] = {}
+    source = str(path) if path else "<defaults>"
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except FileNotFoundError as e:
+            raise ConfigError(f"{path}: config file not found") from e
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: invalid YAML: {e}") from e
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping")
+        data = loaded or {}
+    for item in overrides or []:
+        _apply_override(data, item)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors()
+        )
+        raise ConfigError(f"{source}: {problems}") from e
+
+
+def _apply_override(data: dict[str, Any], item: str) -> None:
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {item!r}: expected key.path=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {item!r}: value is not valid YAML: {e}") from e
+    node = data
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {item!r}: {part!r} is not a section")
+        node = child
+    node[parts[-1]] = value
