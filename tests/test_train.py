@@ -107,17 +107,15 @@ def test_frozen_parameters_get_no_gradients() -> None:
     assert lrs[-1] == pytest.approx(1e-3) and lrs[0] == pytest.approx(1e-3 * 0.5 ** len(stages))
 
 
-def test_amp_auto_is_fp32_on_a_cpu_where_bf16_is_slow(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_amp_resolution(monkeypatch: pytest.MonkeyPatch) -> None:
     import xraycls.engine as engine
 
     cpu = torch.device("cpu")
-    monkeypatch.setattr(engine, "cpu_bf16_speedup", lambda: 0.0)  # AVX2 only
-    assert resolve_amp("auto", cpu) == Amp(None, False, "cpu")
-    monkeypatch.setattr(engine, "cpu_bf16_speedup", lambda: 0.7)  # AMX, but measured slower
-    assert resolve_amp("auto", cpu).dtype is None
-    monkeypatch.setattr(engine, "cpu_bf16_speedup", lambda: 2.0)
-    assert resolve_amp("auto", cpu).dtype == torch.bfloat16
+    assert resolve_amp("auto", cpu) == Amp(None, False, "cpu")  # fp32 on any CPU
     assert resolve_amp("off", cpu).dtype is None
+    monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda: False)
+    with pytest.warns(UserWarning, match="slower"):
+        assert resolve_amp("bf16", cpu).dtype == torch.bfloat16
     with pytest.raises(ValueError, match="CUDA"):
         resolve_amp("fp16", cpu)
     cuda = torch.device("cuda")
@@ -189,7 +187,7 @@ def test_smoke_train_writes_a_valid_bundle(shared_data: Path, tmp_path: Path) ->
     )
     by_path = {r["path"]: i for i, r in enumerate(r for r in oof if r["fold"] == "0")}
     order = [by_path[table.paths[i]] for i in fold0]
-    assert np.allclose(logits, stored[order], atol=1e-4)
+    assert np.allclose(logits, stored[order], atol=1e-4), np.abs(logits - stored[order]).max()
 
     # Re-running the same config resumes (nothing to redo); a different config is refused.
     again = run_training(cfg, out, log=lambda m: None)

@@ -11,6 +11,7 @@ import contextlib
 import math
 import re
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import cache
@@ -44,37 +45,6 @@ def cpu_has_native_bf16() -> bool:
     return bool(re.search(r"\b(amx_bf16|avx512_bf16)\b", flags))
 
 
-@cache
-def cpu_bf16_speedup() -> float:
-    """fp32 time / bf16-autocast time of a small conv + linear fwd/bwd probe (0 without native bf16).
-
-    Native bf16 is necessary but not sufficient: on an AMX Xeon here bf16 autocast still ran
-    ResNet50 fwd+bwd 1.4x *slower* than fp32 at batch 2 (oneDNN falls back for many ops), and
-    on AVX2-only CPUs it is 7-100x slower. So ``auto`` measures instead of trusting flags.
-    """
-    if not cpu_has_native_bf16():
-        return 0.0
-    torch.manual_seed(0)
-    conv = nn.Sequential(
-        nn.Conv2d(32, 32, 3, padding=1), nn.GELU(), nn.Conv2d(32, 32, 3, padding=1)
-    )
-    lin = nn.Sequential(nn.Linear(256, 1024), nn.GELU(), nn.Linear(1024, 256))
-    x, t = torch.randn(2, 32, 64, 64), torch.randn(2, 512, 256)
-
-    def step(bf16: bool) -> float:
-        t0 = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            y = conv(x).float().mean() + lin(t).float().mean()
-        y.backward()
-        return time.perf_counter() - t0
-
-    times = {}
-    for bf16 in (False, True):
-        step(bf16)  # warm-up: kernel selection
-        times[bf16] = min(step(bf16) for _ in range(3))
-    return times[False] / times[True]
-
-
 @dataclass(frozen=True)
 class Amp:
     """Resolved mixed-precision settings."""
@@ -101,9 +71,11 @@ class Amp:
 def resolve_amp(setting: str, device: torch.device) -> Amp:
     """Choose the precision for ``train.amp`` on ``device``.
 
-    ``auto``: bf16 on CUDA when supported, else fp16 with a GradScaler; on CPU bf16 only with
-    native support *and* a measured speed-up (:func:`cpu_bf16_speedup` >= 1.2), since on
-    AVX2-only CPUs bf16 autocast is 7-100x slower than fp32 (a 3x3 conv 0.066 s -> 15.8 s).
+    ``auto``: bf16 autocast on CUDA when the GPU supports it, else fp16 with a GradScaler; fp32
+    on CPU. bf16 on CPU is opt-in (``bf16``): on AVX2-only CPUs autocast is 7-100x slower than
+    fp32 (a 3x3 conv 0.066 s -> 15.8 s), and even on an AMX Xeon with native bf16 it ran ResNet50
+    fwd+bwd 1.4x slower than fp32 here (see docs/benchmarks.md). A probe-based choice was tried
+    and rejected: under load it flipped between runs, and with it the numerics.
     """
     kind = device.type
     if setting == "off":
@@ -115,7 +87,13 @@ def resolve_amp(setting: str, device: torch.device) -> Amp:
         return Amp(torch.bfloat16, False, kind)
     if setting == "fp16":
         raise ValueError("train.amp=fp16 needs CUDA; use bf16 or off on CPU")
-    if setting == "bf16" or (setting == "auto" and cpu_bf16_speedup() >= 1.2):
+    if setting == "bf16":
+        if not cpu_has_native_bf16():
+            warnings.warn(
+                "train.amp=bf16 on a CPU without AMX/AVX512-BF16: expect it to be many times "
+                "slower than fp32",
+                stacklevel=2,
+            )
         return Amp(torch.bfloat16, False, kind)
     return Amp(None, False, kind)
 
