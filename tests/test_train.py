@@ -135,7 +135,7 @@ def _smoke_cfg(shared: Path, *extra: str) -> Config:
 
 def test_smoke_train_writes_a_valid_bundle(shared_data: Path, tmp_path: Path) -> None:
     from xraycls.checkpoint import load_weights
-    from xraycls.data import XrayDataset, load_table
+    from xraycls.data import XrayDataset, load_table, normalization_for
     from xraycls.engine import predict
     from xraycls.models import create_model
     from xraycls.train import preprocessing_for, run_training
@@ -159,6 +159,7 @@ def test_smoke_train_writes_a_valid_bundle(shared_data: Path, tmp_path: Path) ->
     assert load_config(out / "config.yaml") == cfg
     metrics = json.loads((out / "metrics.json").read_text())
     assert 0.0 <= metrics["pooled_oof"]["auroc"] <= 1.0 and len(metrics["folds"]) == 2
+    assert 0.5 < metrics["floor_logreg_32px"]["auroc"] <= 1.0  # the 32x32 floor, same folds
     assert result.metrics["n_images"] == metrics["n_images"]
     with (out / "oof_predictions.csv").open() as f:
         oof = list(csv.DictReader(f))
@@ -179,7 +180,9 @@ def test_smoke_train_writes_a_valid_bundle(shared_data: Path, tmp_path: Path) ->
     ]
     model = create_model(cfg.model.name, num_classes=2, image_size=cfg.model.image_size)
     model.load_state_dict(load_weights(out / "fold0" / "weights.safetensors"))
-    ds = XrayDataset(table.subset(np.array(fold0)), prep)
+    ds = XrayDataset(
+        table.subset(np.array(fold0)), prep, normalization=normalization_for(cfg.model.name)
+    )
     loader = torch.utils.data.DataLoader(ds, batch_size=8)
     logits, _, _ = predict(model, loader, amp=Amp(None, False, "cpu"), device=torch.device("cpu"))
     stored = np.array(
@@ -247,3 +250,16 @@ def test_cli_train_smoke(shared_data: Path, tmp_path: Path) -> None:
         app, ["train", "--config", str(REPO / "configs" / "smoke.yaml"), "--set", "model.nme=x"]
     )
     assert res.exit_code == 2 and "model.nme" in res.output
+
+
+def test_three_class_subtype_task(shared_data: Path, tmp_path: Path) -> None:
+    from xraycls.train import run_training
+
+    cfg = _smoke_cfg(
+        shared_data, "data.label_column=subtype", "model.name=vit_test", "data.limit=45"
+    )
+    result = run_training(cfg, tmp_path / "r", log=lambda m: None)
+    m = result.metrics["pooled_oof"]
+    assert result.metrics["classes"] == ["bacteria", "normal", "virus"]
+    assert set(m["per_class"]) >= {"auroc_bacteria", "auroc_normal", "auroc_virus"}
+    assert json.loads((tmp_path / "r" / "labels.json").read_text())["positive"] is None

@@ -1,8 +1,8 @@
 """From a labels CSV (or an ingest manifest) to model-ready tensors.
 
 Samples are dicts with fixed keys (``image``, ``label``, ``index``); the image is 3xHxW float32,
-normalised with :data:`MEAN`/:data:`STD` (ImageNet statistics, which pretrained backbones
-expect), the grey channel repeated three times.
+the grey channel repeated three times and normalised with the statistics the backbone's
+pretrained checkpoints were trained with (:func:`normalization_for`).
 """
 
 from __future__ import annotations
@@ -23,8 +23,23 @@ from xraycls.errors import ConfigError, ImageReadError
 from xraycls.manifest import LabelsError, read_labels
 from xraycls.preprocess import ImageCache, Preprocessing, preprocess_file
 
-MEAN = (0.485, 0.456, 0.406)
-STD = (0.229, 0.224, 0.225)
+IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+INCEPTION = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+_FAMILY_NORMALIZATION = {
+    "swin": IMAGENET,
+    "resnet": IMAGENET,
+    "maxvit": INCEPTION,
+    "vit": INCEPTION,
+}
+"""Microsoft's Swin and timm's ResNet50 checkpoints use ImageNet statistics; timm's MaxViT-TF
+and Google's ViT-in21k checkpoints use 0.5/0.5. Feeding the wrong ones shifts every input."""
+
+
+def normalization_for(model_name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) per channel for a backbone's pretrained checkpoints."""
+    from xraycls.models import get_spec
+
+    return _FAMILY_NORMALIZATION[get_spec(model_name).family]
 
 
 @dataclass
@@ -147,6 +162,7 @@ class XrayDataset(Dataset[dict[str, Any]]):
         *,
         cache: ImageCache | None = None,
         augment: AugmentConfig | None = None,
+        normalization: tuple[tuple[float, ...], tuple[float, ...]] = IMAGENET,
         seed: int = 0,
     ) -> None:
         self.table = table
@@ -156,8 +172,8 @@ class XrayDataset(Dataset[dict[str, Any]]):
             _build_augment(augment, prep.image_size) if augment and augment.enabled else None
         )
         self.seed = seed
-        self._mean = torch.tensor(MEAN).view(3, 1, 1)
-        self._std = torch.tensor(STD).view(3, 1, 1)
+        self._mean = torch.tensor(normalization[0]).view(3, 1, 1)
+        self._std = torch.tensor(normalization[1]).view(3, 1, 1)
         self.set_epoch(0)
 
     def set_epoch(self, epoch: int) -> None:

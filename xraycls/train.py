@@ -31,7 +31,7 @@ from xraycls import __version__
 from xraycls.checkpoint import load_checkpoint, load_weights, save_checkpoint, save_weights
 from xraycls.config import Config
 from xraycls.cv import inner_split, patient_folds
-from xraycls.data import MEAN, STD, Table, XrayDataset, load_table, preflight, worker_init
+from xraycls.data import Table, XrayDataset, load_table, normalization_for, preflight, worker_init
 from xraycls.engine import (
     Amp,
     StepSchedule,
@@ -45,6 +45,7 @@ from xraycls.engine import (
     train_one_epoch,
 )
 from xraycls.errors import ConfigError
+from xraycls.floor import floor_features, floor_oof_probs
 from xraycls.metrics import classification_metrics
 from xraycls.preprocess import ImageCache, Preprocessing
 
@@ -155,8 +156,14 @@ def run_training(
 
     probs = _softmax(oof_logits)
     pooled = classification_metrics(probs, table.labels, table.classes)
+    feats = floor_features(table.paths, prep, cache=cache, cached=table.cached)
+    floor_probs = floor_oof_probs(
+        feats, table.labels, table.groups, folds, n_classes=n_classes, seed=cfg.seed
+    )
+    floor = classification_metrics(floor_probs, table.labels, table.classes)
     metrics = {
         "pooled_oof": pooled,
+        "floor_logreg_32px": floor,
         "folds": fold_metrics,
         "mean_over_folds": {
             key: float(np.nanmean([f[key] for f in fold_metrics]))
@@ -187,11 +194,14 @@ def run_training(
         ),
         "wall_seconds": time.perf_counter() - t0,
     }
-    _write_oof(out / "oof_predictions.csv", table, folds, oof_logits, probs)
+    _write_oof(out / "oof_predictions.csv", table, folds, oof_logits, probs, floor_probs)
     _write_json(out / "metrics.json", metrics)
     _write_bundle_meta(ctx)
     _plot_curves(out)
-    log(f"pooled OOF AUROC {pooled['auroc']:.4f}, accuracy {pooled['accuracy']:.4f} -> {out}")
+    log(
+        f"pooled OOF AUROC {pooled['auroc']:.4f}, accuracy {pooled['accuracy']:.4f}; floor (logistic "
+        f"regression on 32x32 pixels, same folds) AUROC {floor['auroc']:.4f} -> {out}"
+    )
     return TrainResult(out, metrics, metrics["wall_seconds"])
 
 
@@ -218,10 +228,16 @@ def _fold(
     inner_tr, inner_val = inner_split(
         sub.labels, sub.groups, fraction=cfg.train.inner_val_fraction, seed=seed
     )
+    norm = normalization_for(cfg.model.name)
     train_set = XrayDataset(
-        sub.subset(inner_tr), ctx.prep, cache=ctx.cache, augment=cfg.augment, seed=seed
+        sub.subset(inner_tr),
+        ctx.prep,
+        cache=ctx.cache,
+        augment=cfg.augment,
+        normalization=norm,
+        seed=seed,
     )
-    val_set = XrayDataset(sub.subset(inner_val), ctx.prep, cache=ctx.cache)
+    val_set = XrayDataset(sub.subset(inner_val), ctx.prep, cache=ctx.cache, normalization=norm)
     model = create_model(
         cfg.model.name,
         num_classes=len(table.classes),
@@ -352,7 +368,9 @@ def _fold(
     logits = np.zeros((0, len(table.classes)), np.float32)
     infer_s = None
     if test_idx is not None and len(test_idx):
-        test_set = XrayDataset(table.subset(test_idx), ctx.prep, cache=ctx.cache)
+        test_set = XrayDataset(
+            table.subset(test_idx), ctx.prep, cache=ctx.cache, normalization=norm
+        )
         ev = evaluate(
             model,
             _loader(test_set, cfg),
@@ -443,7 +461,9 @@ def _write_bundle_meta(ctx: RunContext) -> None:
             "model": cfg.model.name,
             "image_size": cfg.model.image_size,
             "num_classes": len(ctx.table.classes),
-            "normalization": {"mean": list(MEAN), "std": list(STD)},
+            "normalization": dict(
+                zip(("mean", "std"), normalization_for(cfg.model.name), strict=True)
+            ),
             "preprocessing": json.loads(ctx.prep.fingerprint()),
             "weights": "weights.safetensors" if cfg.cv.refit else None,
             "fold_weights": members,
@@ -452,12 +472,18 @@ def _write_bundle_meta(ctx: RunContext) -> None:
 
 
 def _write_oof(
-    path: Path, table: Table, folds: np.ndarray, logits: np.ndarray, probs: np.ndarray
+    path: Path,
+    table: Table,
+    folds: np.ndarray,
+    logits: np.ndarray,
+    probs: np.ndarray,
+    floor: np.ndarray,
 ) -> None:
     cols = (
         ["path", "patient_id", "label", "fold"]
         + [f"prob_{c}" for c in table.classes]
         + [f"logit_{c}" for c in table.classes]
+        + [f"floor_prob_{c}" for c in table.classes]
     )
     rows = []
     for i, p in enumerate(table.paths):
@@ -470,6 +496,7 @@ def _write_oof(
         for j, c in enumerate(table.classes):
             row[f"prob_{c}"] = f"{probs[i, j]:.6f}"
             row[f"logit_{c}"] = f"{logits[i, j]:.6f}"
+            row[f"floor_prob_{c}"] = f"{floor[i, j]:.6f}"
         rows.append(row)
     _write_csv(path, rows, cols)
 
