@@ -75,6 +75,8 @@ class RunContext:
     device: torch.device
     amp: Amp
     log: Callable[[str], None]
+    progress: Any = None
+    """A ``rich.progress.Progress`` for per-batch bars, or None."""
 
 
 @dataclass
@@ -94,7 +96,7 @@ def preprocessing_for(cfg: Config) -> Preprocessing:
 
 
 def run_training(
-    cfg: Config, out: str | Path, *, log: Callable[[str], None] = print
+    cfg: Config, out: str | Path, *, log: Callable[[str], None] = print, progress: Any = None
 ) -> TrainResult:
     """Cross-validate ``cfg`` and write the run bundle to ``out`` (resuming what is there).
 
@@ -115,7 +117,7 @@ def run_training(
         log(f"{len(excluded)} unreadable images excluded (see {out / 'excluded.csv'})")
     device = resolve_device(cfg.train.device)
     amp = resolve_amp(cfg.train.amp, device)
-    ctx = RunContext(cfg, out, table, prep, cache, device, amp, log)
+    ctx = RunContext(cfg, out, table, prep, cache, device, amp, log, progress)
     log(
         f"{len(table)} images, {len(np.unique(table.groups))} patients, classes {table.classes}; "
         f"{cfg.model.name} at {cfg.model.image_size}px on {device} ({amp.describe()}); {cfg.cv.folds}-fold CV"
@@ -303,6 +305,16 @@ def _fold(
         torch.manual_seed(seed * 1000 + g)  # dropout / drop-path streams replay after a resume
         train_set.set_epoch(g)
         loader = _loader(train_set, cfg, shuffle=True, seed=seed * 1000 + g)
+        bar = None
+        if ctx.progress is not None:
+            bar = ctx.progress.add_task(
+                f"{name} epoch {g + 1} [{stage.train}]", total=len(loader), loss=float("nan")
+            )
+
+        def on_batch(loss: float, bar: Any = bar) -> None:
+            if bar is not None:
+                ctx.progress.update(bar, advance=1, loss=loss)
+
         tr = train_one_epoch(
             model,
             loader,
@@ -314,7 +326,10 @@ def _fold(
             accumulate=cfg.train.accumulate,
             channels_last=channels_last,
             schedule=schedule,
+            on_batch=on_batch,
         )
+        if bar is not None:
+            ctx.progress.remove_task(bar)
         val = evaluate(
             model,
             _loader(val_set, cfg),
