@@ -194,7 +194,9 @@ def test_smoke_train_writes_a_valid_bundle(shared_data: Path, tmp_path: Path) ->
 
     # Re-running the same config resumes (nothing to redo); a different config is refused.
     again = run_training(cfg, out, log=lambda m: None)
-    assert again.metrics["pooled_oof"] == metrics["pooled_oof"]
+    assert json.dumps(again.metrics["pooled_oof"], sort_keys=True) == json.dumps(
+        metrics["pooled_oof"], sort_keys=True
+    )
     with pytest.raises(ConfigError, match="different config"):
         run_training(_smoke_cfg(shared_data, "seed=1"), out, log=lambda m: None)
 
