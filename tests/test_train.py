@@ -158,6 +158,7 @@ def test_smoke_train_writes_a_valid_bundle(shared_data: Path, tmp_path: Path) ->
         assert (out / name).is_file(), name
     assert load_config(out / "config.yaml") == cfg
     metrics = json.loads((out / "metrics.json").read_text())
+    assert (out / "calibration.json").is_file()
     assert 0.0 <= metrics["pooled_oof"]["auroc"] <= 1.0 and len(metrics["folds"]) == 2
     assert 0.5 < metrics["floor_logreg_32px"]["auroc"] <= 1.0  # the 32x32 floor, same folds
     assert result.metrics["n_images"] == metrics["n_images"]
@@ -191,6 +192,22 @@ def test_smoke_train_writes_a_valid_bundle(shared_data: Path, tmp_path: Path) ->
     by_path = {r["path"]: i for i, r in enumerate(r for r in oof if r["fold"] == "0")}
     order = [by_path[table.paths[i]] for i in fold0]
     assert np.allclose(logits, stored[order], atol=1e-4), np.abs(logits - stored[order]).max()
+
+    # Calibration was fitted on the OOF logits; the CLI refits it with another method.
+    from xraycls.calibrate import load_calibration
+    from xraycls.cli import app
+
+    cal, extra = load_calibration(out / "calibration.json")
+    assert cal.method == "temperature" and extra["classes"] == ["NORMAL", "PNEUMONIA"]
+    assert metrics["calibration"]["after_crossfit"]["ece"] >= 0
+    res = CliRunner().invoke(
+        app, ["calibrate", str(out), "--method", "platt", "--target", "youden"]
+    )
+    assert res.exit_code == 0, res.output
+    assert load_calibration(out / "calibration.json")[0].method == "platt"
+    assert "threshold" in json.loads((out / "metrics.json").read_text())["calibration"]
+    res = CliRunner().invoke(app, ["calibrate", str(tmp_path)])
+    assert res.exit_code == 2 and "not a complete run bundle" in " ".join(res.output.split())
 
     # Re-running the same config resumes (nothing to redo); a different config is refused.
     again = run_training(cfg, out, log=lambda m: None)

@@ -152,6 +152,46 @@ def train(
     )
 
 
+class CalibrationChoice(StrEnum):
+    temperature = "temperature"
+    platt = "platt"
+    isotonic = "isotonic"
+
+
+@app.command()
+def calibrate(
+    run_dir: Annotated[Path, typer.Argument(help="A finished `xraycls train` run folder.")],
+    method: Annotated[
+        CalibrationChoice, typer.Option(help="platt/isotonic: binary only.")
+    ] = CalibrationChoice.temperature,
+    target: Annotated[
+        str, typer.Option(help="Operating point: sensitivity, specificity or youden.")
+    ] = "sensitivity",
+    value: Annotated[
+        float | None, typer.Option(help="Target rate for sensitivity/specificity.")
+    ] = 0.95,
+) -> None:
+    """Refit the run's calibration (and binary operating threshold) on its out-of-fold logits."""
+    from xraycls.bundle import BundleError, calibrate_run
+
+    try:
+        cal = calibrate_run(
+            run_dir,
+            method=method.value,  # type: ignore[arg-type]
+            threshold_target=target,  # type: ignore[arg-type]
+            threshold_value=None if target == "youden" else value,
+        )
+    except (BundleError, ValueError) as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from e
+    line = f"calibrate: {cal['method']}: ECE {cal['before']['ece']:.4f} -> {cal['after_crossfit']['ece']:.4f} (cross-fitted)"
+    if "threshold" in cal:
+        t = cal["threshold"]
+        at = t["oof_at_threshold"]
+        line += f"; threshold {t['threshold']:.4f} (OOF sensitivity {at['sensitivity']:.3f}, specificity {at['specificity']:.3f})"
+    typer.echo(f"{line} -> {run_dir / 'calibration.json'}")
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

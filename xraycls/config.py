@@ -136,6 +136,15 @@ class CVConfig(_Strict):
     """Also train one model on all data (the bundle's ``weights.safetensors``)."""
 
 
+class CalibrationConfig(_Strict):
+    """Fitted on the pooled out-of-fold logits at the end of ``xraycls train``."""
+
+    method: Literal["temperature", "platt", "isotonic", "none"] = "temperature"
+    threshold_target: Literal["sensitivity", "specificity", "youden"] = "sensitivity"
+    """Binary runs: how the stored operating threshold is chosen on calibrated OOF probabilities."""
+    threshold_value: float | None = Field(default=0.95, gt=0, le=1)
+
+
 class Config(_Strict):
     """A whole experiment."""
 
@@ -145,6 +154,7 @@ class Config(_Strict):
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     cv: CVConfig = Field(default_factory=CVConfig)
+    calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
 
     @model_validator(mode="after")
     def _consistent(self) -> Config:

@@ -28,6 +28,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from xraycls import __version__
+from xraycls.bundle import calibrate_run
 from xraycls.checkpoint import load_checkpoint, load_weights, save_checkpoint, save_weights
 from xraycls.config import Config
 from xraycls.cv import inner_split, patient_folds
@@ -200,6 +201,18 @@ def run_training(
     _write_json(out / "metrics.json", metrics)
     _write_bundle_meta(ctx)
     _plot_curves(out)
+    if cfg.calibration.method != "none":
+        cal = calibrate_run(
+            out,
+            method=cfg.calibration.method,
+            threshold_target=cfg.calibration.threshold_target,
+            threshold_value=cfg.calibration.threshold_value,
+        )
+        metrics["calibration"] = cal
+        log(
+            f"calibration ({cal['method']}, fitted on OOF logits): ECE {cal['before']['ece']:.4f} -> "
+            f"{cal['after_crossfit']['ece']:.4f} (cross-fitted)"
+        )
     log(
         f"pooled OOF AUROC {pooled['auroc']:.4f}, accuracy {pooled['accuracy']:.4f}; floor (logistic "
         f"regression on 32x32 pixels, same folds) AUROC {floor['auroc']:.4f} -> {out}"
