@@ -1,0 +1,65 @@
+"""Predictor.from_run: a bundle's weights, preprocessing, calibration and threshold, end to end."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from xraycls.bundle import BundleError
+from xraycls.config import load_config
+from xraycls.errors import NotDicomError
+from xraycls.predict import Predictor
+from xraycls.preprocess import preprocess_file
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def run(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from xraycls.train import run_training
+
+    labels = shared_data / "cxr-pneumonia-224" / "sample-1000.csv"
+    cfg = load_config(
+        REPO / "configs" / "smoke.yaml", [f"data.labels={labels}", "model.name=resnet50_test"]
+    )
+    out = tmp_path_factory.mktemp("run")
+    run_training(cfg, out, log=lambda m: None)
+    return out
+
+
+def test_fold_ensemble_reproduces_out_of_fold_logits(run: Path) -> None:
+    p = Predictor.from_run(run, members="folds")
+    assert len(p.models) == 2 and p.classes == ["NORMAL", "PNEUMONIA"]
+    with (run / "oof_predictions.csv").open() as f:
+        oof = [r for r in csv.DictReader(f) if r["fold"] == "0"][:4]
+    pixels = [preprocess_file(r["path"], p.prep).pixels for r in oof]
+    member0 = p.logits(p.to_tensor(pixels))[0]
+    stored = np.array([[float(r["logit_NORMAL"]), float(r["logit_PNEUMONIA"])] for r in oof])
+    assert np.allclose(member0, stored, atol=1e-4)
+
+
+def test_predict_files_calibrated_with_threshold_and_per_file_errors(
+    run: Path, shared_data: Path, tmp_path: Path
+) -> None:
+    p = Predictor.from_run(run)
+    assert p.calibrator is not None and p.calibrator.method == "temperature"
+    assert p.threshold is not None
+    bad = tmp_path / "page.dcm"
+    bad.write_text("<!DOCTYPE html><html></html>")
+    good = sorted((shared_data / "cxr-pneumonia-224" / "NORMAL").glob("*.jpeg"))[:2]
+    dicom = shared_data / "dicom" / "chest_cr" / "siim_fake_MONOCHROME1.dcm"
+    results = p.predict_files([good[0], bad, dicom, good[1]])
+    assert isinstance(results[1], NotDicomError)
+    for r in (results[0], results[2], results[3]):
+        assert not isinstance(r, Exception)
+        assert abs(r.probs.sum() - 1) < 1e-6 and r.member_probs.shape == (2, 2)
+        expected = "PNEUMONIA" if r.probs[1] >= p.threshold else "NORMAL"
+        assert r.predicted == expected
+
+
+def test_incomplete_bundle_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(BundleError, match="not a complete run bundle"):
+        Predictor.from_run(tmp_path)
