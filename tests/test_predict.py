@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import numpy as np
@@ -63,3 +64,55 @@ def test_predict_files_calibrated_with_threshold_and_per_file_errors(
 def test_incomplete_bundle_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(BundleError, match="not a complete run bundle"):
         Predictor.from_run(tmp_path)
+
+
+def test_evaluate_writes_metrics_with_cis_and_plots(
+    run: Path, shared_data: Path, tmp_path: Path
+) -> None:
+    from typer.testing import CliRunner
+
+    from xraycls.cli import app
+
+    root = shared_data / "cxr-pneumonia-224"
+    with (root / "labels.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    picked = [r for r in rows if r["label"] == "NORMAL"][:12] + [
+        r for r in rows if r["label"] == "PNEUMONIA"
+    ][:12]
+    bad = tmp_path / "page.dcm"
+    bad.write_text("<html></html>")
+    labels = tmp_path / "test.csv"
+    with labels.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "label", "patient_id"])
+        for r in picked:
+            w.writerow([str(root / r["path"]), r["label"], r["patient_id"]])
+        w.writerow([str(bad), "NORMAL", "X"])
+    res = CliRunner().invoke(
+        app,
+        [
+            "evaluate",
+            str(run),
+            "--data",
+            str(labels),
+            "--out",
+            str(tmp_path / "e"),
+            "--n-boot",
+            "50",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "e" / "metrics.json").read_text())
+    assert report["n_images"] == 24 and report["n_errors"] == 1
+    auc = report["calibrated"]["auroc"]
+    assert auc["low"] <= auc["value"] <= auc["high"]
+    assert "at_threshold" in report and "ece" in report["uncalibrated"]
+    for png in ("roc.png", "pr.png", "reliability.png", "confusion.png"):
+        assert (tmp_path / "e" / png).stat().st_size > 1000
+    with (tmp_path / "e" / "predictions.csv").open() as f:
+        preds = list(csv.DictReader(f))
+    assert (
+        len(preds) == 25
+        and preds[-1]["status"] == "error"
+        and preds[-1]["error"].startswith("not_dicom")
+    )

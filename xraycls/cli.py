@@ -192,6 +192,35 @@ def calibrate(
     typer.echo(f"{line} -> {run_dir / 'calibration.json'}")
 
 
+@app.command()
+def evaluate(
+    run_dir: Annotated[Path, typer.Argument(help="A `xraycls train` run folder.")],
+    data: Annotated[Path, typer.Option("--data", help="Labels CSV or ingest manifest to score.")],
+    out: Annotated[
+        Path | None, typer.Option(help="Output folder (default RUN_DIR/eval-<data name>).")
+    ] = None,
+    n_boot: Annotated[int, typer.Option(help="Bootstrap resamples for the 95% CIs.")] = 1000,
+) -> None:
+    """Score a labelled set with the bundle's calibration and threshold; metrics with CIs + plots."""
+    from xraycls.bundle import BundleError
+    from xraycls.evaluate import evaluate_run
+    from xraycls.manifest import LabelsError
+
+    target = out or run_dir / f"eval-{data.stem}"
+    try:
+        evaluate_run(
+            run_dir,
+            data,
+            target,
+            n_boot=n_boot,
+            log=lambda m: console.print(m, markup=False, highlight=False),
+        )
+    except (BundleError, LabelsError, ValueError) as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from e
+    typer.echo(f"evaluate: -> {target / 'metrics.json'}")
+
+
 def main() -> None:
     """Console-script entry point."""
     app()
