@@ -159,6 +159,9 @@ def test_smoke_train_writes_a_valid_bundle(shared_data: Path, tmp_path: Path) ->
     assert load_config(out / "config.yaml") == cfg
     metrics = json.loads((out / "metrics.json").read_text())
     assert (out / "calibration.json").is_file()
+    card = (out / "MODEL_CARD.md").read_text()
+    assert "Not a medical device" in card and "floor: logistic regression on 32x32 pixels" in card
+    assert "DeLong p =" in card and "ECE (15 bins)" in card
     assert 0.0 <= metrics["pooled_oof"]["auroc"] <= 1.0 and len(metrics["folds"]) == 2
     assert 0.5 < metrics["floor_logreg_32px"]["auroc"] <= 1.0  # the 32x32 floor, same folds
     assert result.metrics["n_images"] == metrics["n_images"]

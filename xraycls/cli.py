@@ -173,6 +173,7 @@ def calibrate(
 ) -> None:
     """Refit the run's calibration (and binary operating threshold) on its out-of-fold logits."""
     from xraycls.bundle import BundleError, calibrate_run
+    from xraycls.modelcard import write_model_card
 
     try:
         cal = calibrate_run(
@@ -181,6 +182,7 @@ def calibrate(
             threshold_target=target,  # type: ignore[arg-type]
             threshold_value=None if target == "youden" else value,
         )
+        write_model_card(run_dir)
     except (BundleError, ValueError) as e:
         console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from e

@@ -48,6 +48,7 @@ from xraycls.engine import (
 from xraycls.errors import ConfigError
 from xraycls.floor import floor_features, floor_oof_probs
 from xraycls.metrics import classification_metrics
+from xraycls.modelcard import write_model_card
 from xraycls.preprocess import ImageCache, Preprocessing
 
 LOG_COLUMNS = [
@@ -213,6 +214,7 @@ def run_training(
             f"calibration ({cal['method']}, fitted on OOF logits): ECE {cal['before']['ece']:.4f} -> "
             f"{cal['after_crossfit']['ece']:.4f} (cross-fitted)"
         )
+    write_model_card(out)
     log(
         f"pooled OOF AUROC {pooled['auroc']:.4f}, accuracy {pooled['accuracy']:.4f}; floor (logistic "
         f"regression on 32x32 pixels, same folds) AUROC {floor['auroc']:.4f} -> {out}"
