@@ -47,6 +47,7 @@ def test_overrides_are_typed_and_resolved_config_round_trips(tmp_path: Path) -> 
         ],
     )
     assert (cfg.model.name, cfg.train.batch_size, cfg.cv.folds) == ("resnet50_test", 3, 3)
+    assert load_config(None, ["train.amp=off"]).train.amp == "off"  # YAML's boolean `off`
     assert cfg.train.stages == [StageConfig(epochs=1, train="head", lr=0.01)]
     saved = tmp_path / "config.yaml"
     saved.write_text(cfg.to_yaml())
@@ -111,11 +112,14 @@ def test_amp_resolution(monkeypatch: pytest.MonkeyPatch) -> None:
     import xraycls.engine as engine
 
     cpu = torch.device("cpu")
-    assert resolve_amp("auto", cpu) == Amp(None, False, "cpu")  # fp32 on any CPU
+    monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda: False)  # AVX2 only
+    assert resolve_amp("auto", cpu) == Amp(None, False, "cpu")
     assert resolve_amp("off", cpu).dtype is None
-    monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda: False)
     with pytest.warns(UserWarning, match="slower"):
         assert resolve_amp("bf16", cpu).dtype == torch.bfloat16
+    monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda: True)  # AMX / AVX512-BF16
+    assert resolve_amp("auto", cpu) == Amp(torch.bfloat16, False, "cpu")
+    assert resolve_amp("off", cpu).dtype is None
     with pytest.raises(ValueError, match="CUDA"):
         resolve_amp("fp16", cpu)
     cuda = torch.device("cuda")

@@ -107,9 +107,16 @@ class TrainConfig(_Strict):
     accumulate: int = Field(default=1, ge=1)
     """Gradient accumulation steps (effective batch = batch_size * accumulate)."""
     amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
-    """auto: bf16 autocast on CUDA (fp16 + GradScaler where the GPU lacks bf16), fp32 on CPU
-    (bf16 autocast measured slower there, 7-100x on AVX2, 1.4x even on AMX); bf16 is opt-in."""
+    """auto: bf16 autocast on CUDA (fp16 + GradScaler where the GPU lacks bf16); on CPU bf16 only
+    with native support (AMX/AVX512-BF16), else fp32 (bf16 is 7-100x slower on AVX2 CPUs)."""
     channels_last: Literal["auto", "on", "off"] = "auto"
+
+    @field_validator("amp", "channels_last", mode="before")
+    @classmethod
+    def _yaml_booleans(cls, v: object) -> object:
+        # YAML 1.1 reads a bare `off` / `on` as a boolean.
+        return {False: "off", True: "on"}.get(v, v) if isinstance(v, bool) else v
+
     class_weighting: bool = True
     label_smoothing: float = Field(default=0.0, ge=0, lt=1)
     early_stopping_patience: int | None = Field(default=3, ge=1)

@@ -71,11 +71,12 @@ class Amp:
 def resolve_amp(setting: str, device: torch.device) -> Amp:
     """Choose the precision for ``train.amp`` on ``device``.
 
-    ``auto``: bf16 autocast on CUDA when the GPU supports it, else fp16 with a GradScaler; fp32
-    on CPU. bf16 on CPU is opt-in (``bf16``): on AVX2-only CPUs autocast is 7-100x slower than
-    fp32 (a 3x3 conv 0.066 s -> 15.8 s), and even on an AMX Xeon with native bf16 it ran ResNet50
-    fwd+bwd 1.4x slower than fp32 here (see docs/benchmarks.md). A probe-based choice was tried
-    and rejected: under load it flipped between runs, and with it the numerics.
+    ``auto``: bf16 autocast on CUDA when the GPU supports it, else fp16 with a GradScaler; on
+    CPU, bf16 only where the processor computes it natively (AMX / AVX512-BF16), else fp32. On
+    AVX2-only CPUs bf16 autocast is 7-100x slower (a 3x3 conv 0.066 s -> 15.8 s); on an AMX
+    Xeon it made 1024² steps 1.4-2.4x faster, but tiny models at 224 px slower, so small CPU
+    recipes (demo, smoke) set ``amp: off`` (docs/benchmarks.md). The rule reads CPU flags, not a
+    timing probe: a probe flipped between runs under load, and the numerics with it.
     """
     kind = device.type
     if setting == "off":
@@ -87,13 +88,13 @@ def resolve_amp(setting: str, device: torch.device) -> Amp:
         return Amp(torch.bfloat16, False, kind)
     if setting == "fp16":
         raise ValueError("train.amp=fp16 needs CUDA; use bf16 or off on CPU")
-    if setting == "bf16":
-        if not cpu_has_native_bf16():
-            warnings.warn(
-                "train.amp=bf16 on a CPU without AMX/AVX512-BF16: expect it to be many times "
-                "slower than fp32",
-                stacklevel=2,
-            )
+    native = cpu_has_native_bf16()
+    if setting == "bf16" and not native:
+        warnings.warn(
+            "train.amp=bf16 on a CPU without AMX/AVX512-BF16: expect it to be many times slower than fp32",
+            stacklevel=2,
+        )
+    if setting == "bf16" or native:
         return Amp(torch.bfloat16, False, kind)
     return Amp(None, False, kind)
 
