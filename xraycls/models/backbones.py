@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 from collections.abc import Iterator
 from functools import partial
@@ -343,8 +344,24 @@ class MaxVitClassifier(TimmClassifier):
     timm's default partition is image_size / 32, i.e. a 32x32 partition (global attention over
     1024 tokens) at 1024²: 47.5 s and 12 GB per fwd+bwd on 2 cores, against 16-21 s / 8-9 GB
     with 8.
+
+    Three changes to how timm's modules run, none to what they compute or to their parameters
+    (timm ``maxvit_*_tf_*`` checkpoints load as before; ``benchmarks/profile_maxvit.py``
+    measures them):
+
+    - Channels-last: ``forward_features`` feeds the stem an NHWC-strided tensor, so every
+      convolution and BatchNorm runs channels-last and each block's NCHW -> NHWC permute before
+      its attention is a free view instead of a strided tensor that LayerNorm, the window
+      partition and the residual adds copy.
+    - Attention by plain matmuls: the relative position bias is a learnt mask, and PyTorch's
+      CPU flash kernel takes no mask that needs a gradient, so ``scaled_dot_product_attention``
+      falls back to its math path with extra masked-softmax passes.
+    - Checkpointing per part: timm checkpoints a whole MaxViT block (MBConv + block attention +
+      grid attention), so the backward of the first block rebuilds all three at 256²-512²
+      together; here each part is its own checkpoint.
     """
 
+    channels_last_preferred = True
     ignored_checkpoint_prefixes = ("head.fc.",)
 
     @classmethod
@@ -374,6 +391,7 @@ class MaxVitClassifier(TimmClassifier):
             backbone = timm.create_model(variant, pretrained=False, **kwargs)
         else:
             backbone = MaxxVit(cfg, **kwargs)
+        _tune_maxxvit(backbone)
         return cls(
             spec,
             backbone,
@@ -381,6 +399,17 @@ class MaxVitClassifier(TimmClassifier):
             num_classes=num_classes,
             image_size=image_size,
         )
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        # A no-op for a channels-last batch (what training passes, see channels_last_preferred).
+        return self.backbone(x.contiguous(memory_format=torch.channels_last))
+
+    def set_grad_checkpointing(self, enabled: bool) -> None:
+        for stage in self.backbone.stages:
+            stage.grad_checkpointing = False  # timm's: one checkpoint per whole block
+            for block in stage.blocks:
+                block.grad_checkpointing = enabled
+        self.grad_checkpointing = enabled
 
     @property
     def window_size(self) -> int:
@@ -409,6 +438,48 @@ class MaxVitClassifier(TimmClassifier):
         for k in resized:
             state[k] = resize_relative_position_table(state[k], self.window_size)
         return state, resized
+
+
+
+def _tune_maxxvit(backbone: nn.Module) -> None:
+    """Switch a timm ``MaxxVit`` to the execution ``MaxVitClassifier`` describes, in place.
+
+    Only classes and flags change: module names, parameters and buffers stay timm's.
+    """
+    from timm.models.maxxvit import AttentionCl, MaxxVitBlock
+
+    block_cls = _part_checkpointed_block_cls()
+    for module in backbone.modules():
+        if type(module) is MaxxVitBlock:
+            module.__class__ = block_cls
+            module.grad_checkpointing = False
+        elif isinstance(module, AttentionCl):
+            module.fused_attn = False
+
+
+@functools.cache
+def _part_checkpointed_block_cls() -> type[nn.Module]:
+    """timm's ``MaxxVitBlock``, checkpointing its MBConv and its two attentions separately."""
+    from timm.models.maxxvit import MaxxVitBlock
+    from torch.utils.checkpoint import checkpoint
+
+    class PartCheckpointedMaxxVitBlock(MaxxVitBlock):
+        grad_checkpointing: bool
+
+        def forward(self, x: Tensor) -> Tensor:
+            if not (self.grad_checkpointing and torch.is_grad_enabled()):
+                return super().forward(x)
+            x = checkpoint(self.conv, x, use_reentrant=False)
+            if not self.nchw_attn:
+                x = x.permute(0, 2, 3, 1)
+            if self.attn_block is not None:
+                x = checkpoint(self.attn_block, x, use_reentrant=False)
+            x = checkpoint(self.attn_grid, x, use_reentrant=False)
+            if not self.nchw_attn:
+                x = x.permute(0, 3, 1, 2)
+            return x
+
+    return PartCheckpointedMaxxVitBlock
 
 
 class ResNetClassifier(TimmClassifier):
