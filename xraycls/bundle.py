@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -19,6 +18,7 @@ import numpy as np
 from scipy.special import softmax
 
 from xraycls.calibrate import Method, fit_calibrator, save_calibration
+from xraycls.fsutil import json_safe, write_json_atomic
 from xraycls.metrics import binary_metrics_at, ece, nll, threshold_for
 
 ThresholdTarget = Literal["sensitivity", "specificity", "youden"]
@@ -117,7 +117,7 @@ def calibrate_run(
             "nll": nll(p, oof.labels),
         }
     summary["calibrator"] = final.to_dict()
-    extra: dict[str, Any] = {"classes": oof.classes, "summary": _finite(summary)}
+    extra: dict[str, Any] = {"classes": oof.classes, "summary": json_safe(summary)}
     if len(oof.classes) == 2:
         t = threshold_for(
             calibrated[:, 1], oof.labels, target=threshold_target, value=threshold_value
@@ -131,7 +131,7 @@ def calibrate_run(
                 "threshold": t,
                 "oof_at_threshold": point,
             }
-            extra["threshold"] = _finite(summary["threshold"])
+            extra["threshold"] = json_safe(summary["threshold"])
     save_calibration(run_dir / "calibration.json", final, **extra)
     _update_metrics(run_dir, summary)
     return summary
@@ -141,17 +141,4 @@ def _update_metrics(run_dir: Path, summary: dict[str, Any]) -> None:
     path = run_dir / "metrics.json"
     metrics = json.loads(path.read_text()) if path.exists() else {}
     metrics["calibration"] = summary
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(metrics, indent=2))
-    os.replace(tmp, path)
-
-
-def _finite(obj: Any) -> Any:
-    """NaN/inf -> None, so strict JSON can hold it."""
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_finite(v) for v in obj]
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
+    write_json_atomic(path, metrics)

@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from xraycls.fsutil import write_text_atomic
+
 
 def save_weights(
     path: str | Path, state: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
@@ -38,12 +40,6 @@ def save_weights(
 def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a safetensors state dict (no code execution, unlike ``torch.load``)."""
     return load_file(str(path))
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
 
 
 def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -91,8 +87,8 @@ def save_checkpoint(
             k: (v.item() if isinstance(v, torch.Tensor) else v)
             for k, v in scaler.state_dict().items()
         }
-    _write_json(d / f"ckpt-{tag}.json", extra)
-    _write_json(d / "last.json", {"tag": tag})
+    write_text_atomic(d / f"ckpt-{tag}.json", json.dumps(extra, indent=1))  # keeps -inf
+    write_text_atomic(d / "last.json", json.dumps({"tag": tag}))
     for old in d.glob("ckpt-*"):
         if not old.name.startswith(f"ckpt-{tag}."):
             old.unlink(missing_ok=True)

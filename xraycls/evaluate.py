@@ -8,8 +8,6 @@ operating threshold (chosen on the training run's out-of-fold data, never on thi
 from __future__ import annotations
 
 import json
-import math
-import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -17,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from xraycls.errors import ImageReadError
+from xraycls.fsutil import write_json_atomic
 from xraycls.manifest import read_labels, write_table
 from xraycls.metrics import (
     binary_metrics_at,
@@ -102,7 +101,7 @@ def evaluate_run(
     }
     if len(predictor.classes) == 2 and predictor.threshold is not None:
         report["at_threshold"] = binary_metrics_at(p[:, 1], y, predictor.threshold)
-    _write_json(out / "metrics.json", report)
+    write_json_atomic(out / "metrics.json", report)
     _plots(out, p, q, y, predictor.classes, predictor.threshold)
     a = report["calibrated"]
     log(
@@ -212,20 +211,3 @@ def _reliability(
     return np.array([conf[bins == b].mean() for b in keep]), np.array(
         [correct[bins == b].mean() for b in keep]
     )
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    def clean(o: Any) -> Any:
-        if isinstance(o, dict):
-            return {k: clean(v) for k, v in o.items()}
-        if isinstance(o, list | tuple):
-            return [clean(v) for v in o]
-        if isinstance(o, float | np.floating):
-            return float(o) if math.isfinite(o) else None
-        if isinstance(o, np.integer):
-            return int(o)
-        return o
-
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(clean(obj), indent=2))
-    os.replace(tmp, path)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from xraycls.dicom import _installation_salt, iter_image_files, read_bytes
 from xraycls.errors import ImageReadError
+from xraycls.fsutil import write_json_atomic
 from xraycls.manifest import MANIFEST_COLUMNS, Journal, read_labels, read_table, write_table
 from xraycls.preprocess import ImageCache, Preprocessing, preprocess_file
 
@@ -288,16 +289,12 @@ def _ignored_files(src: Path, inputs: list[Path]) -> list[str]:
 def _write_settings(out: Path, src: Path, prep: Preprocessing, labels: str | Path | None) -> None:
     from xraycls import __version__
 
-    tmp = out / f".{SETTINGS}.tmp"
-    tmp.write_text(
-        json.dumps(
-            {
-                "source": str(src),
-                "labels": str(Path(labels).resolve()) if labels else None,
-                "preprocessing": prep.fingerprint(),
-                "xraycls_version": __version__,
-            },
-            indent=2,
-        )
+    write_json_atomic(
+        out / SETTINGS,
+        {
+            "source": str(src),
+            "labels": str(Path(labels).resolve()) if labels else None,
+            "preprocessing": prep.fingerprint(),
+            "xraycls_version": __version__,
+        },
     )
-    os.replace(tmp, out / SETTINGS)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -47,6 +46,7 @@ from xraycls.engine import (
 )
 from xraycls.errors import ConfigError
 from xraycls.floor import floor_features, floor_oof_probs
+from xraycls.fsutil import write_json_atomic, write_text_atomic
 from xraycls.metrics import classification_metrics
 from xraycls.modelcard import write_model_card
 from xraycls.preprocess import ImageCache, Preprocessing
@@ -199,7 +199,7 @@ def run_training(
         "wall_seconds": time.perf_counter() - t0,
     }
     _write_oof(out / "oof_predictions.csv", table, folds, oof_logits, probs, floor_probs)
-    _write_json(out / "metrics.json", metrics)
+    write_json_atomic(out / "metrics.json", metrics)
     _write_bundle_meta(ctx)
     _plot_curves(out)
     if cfg.calibration.method != "none":
@@ -421,7 +421,7 @@ def _fold(
         },
         "logits": logits.tolist(),
     }
-    _write_json(done_file, result)
+    write_json_atomic(done_file, result)
     for f in ckpt_dir.glob("*"):
         f.unlink()
     ckpt_dir.rmdir()
@@ -467,15 +467,13 @@ def _claim_run_dir(out: Path, cfg: Config) -> None:
         raise ConfigError(
             f"{out} holds a run with a different config ({saved}); use another --out or delete it"
         )
-    tmp = out / ".config.yaml.tmp"
-    tmp.write_text(text)
-    os.replace(tmp, saved)
+    write_text_atomic(saved, text)
 
 
 def _write_bundle_meta(ctx: RunContext) -> None:
     cfg = ctx.cfg
     members = [f"fold{k}/weights.safetensors" for k in range(cfg.cv.folds)]
-    _write_json(
+    write_json_atomic(
         ctx.out / "labels.json",
         {
             "classes": ctx.table.classes,
@@ -483,7 +481,7 @@ def _write_bundle_meta(ctx: RunContext) -> None:
             "positive": ctx.table.classes[-1] if len(ctx.table.classes) == 2 else None,
         },
     )
-    _write_json(
+    write_json_atomic(
         ctx.out / "bundle.json",
         {
             "format": 1,
@@ -544,18 +542,6 @@ def _append_log(path: Path, row: dict[str, Any]) -> None:
         if new:
             w.writeheader()
         w.writerow(row)
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=_json_default))
-    os.replace(tmp, path)
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, np.integer | np.floating):
-        return o.item()
-    raise TypeError(type(o))
 
 
 def _plot_curves(out: Path) -> None:
