@@ -21,6 +21,11 @@ from xraycls.bundle import read_oof
 from xraycls.metrics import bootstrap_ci, delong_test
 
 
+def _num(value: float | None, digits: int = 3) -> str:
+    """A metric for the card; undefined ones (e.g. PPV with no positive calls) read "n/a"."""
+    return "n/a" if value is None or not np.isfinite(value) else f"{value:.{digits}f}"
+
+
 def write_model_card(run_dir: str | Path, *, n_boot: int = 1000) -> Path:
     """Write ``RUN_DIR/MODEL_CARD.md`` and return its path."""
     import csv
@@ -102,8 +107,8 @@ def write_model_card(run_dir: str | Path, *, n_boot: int = 1000) -> Path:
             at = t["oof_at_threshold"]
             lines.append(
                 f"- Operating threshold {t['threshold']:.4f} on P({t['positive']}) for target {t['target']} "
-                f"{t['value']}: OOF sensitivity {at['sensitivity']:.3f}, specificity {at['specificity']:.3f}, "
-                f"PPV {at['ppv']:.3f}, NPV {at['npv']:.3f}."
+                f"{t['value']}: OOF sensitivity {_num(at['sensitivity'])}, "
+                f"specificity {_num(at['specificity'])}, PPV {_num(at['ppv'])}, NPV {_num(at['npv'])}."
             )
         lines.append("")
     lines += [
