@@ -38,6 +38,8 @@ class OutOfFold:
     folds: np.ndarray
     logits: np.ndarray
     classes: list[str]
+    floor: np.ndarray | None = None
+    """The 32x32 logistic-regression floor's OOF probabilities on the same folds, if stored."""
 
 
 def read_oof(run_dir: str | Path) -> OutOfFold:
@@ -66,7 +68,24 @@ def read_oof(run_dir: str | Path) -> OutOfFold:
             [[float(r[f"logit_{c}"]) for c in classes] for r in rows], dtype=np.float64
         ),
         classes=classes,
+        floor=np.array([[float(r[f"floor_prob_{c}"]) for c in classes] for r in rows])
+        if f"floor_prob_{classes[0]}" in rows[0]
+        else None,
     )
+
+
+def crossfit_probs(oof: OutOfFold, method: Method = "temperature") -> np.ndarray:
+    """Calibrated OOF probabilities in which no case is scored by a calibrator that saw it.
+
+    Each fold's logits go through a calibrator fitted on the other folds' OOF logits: the
+    honest estimate of how the shipped calibrator (fitted on all of them) does on new data.
+    """
+    crossfit = np.zeros(oof.logits.shape, np.float64)
+    for k in np.unique(oof.folds):
+        held = oof.folds == k
+        cal = fit_calibrator(method, oof.logits[~held], oof.labels[~held])
+        crossfit[held] = cal.predict_proba(oof.logits[held])
+    return crossfit
 
 
 def calibrate_run(
@@ -93,11 +112,7 @@ def calibrate_run(
     run_dir = Path(run_dir)
     oof = read_oof(run_dir)
     raw = softmax(oof.logits, axis=1)
-    crossfit = np.zeros_like(raw)
-    for k in np.unique(oof.folds):
-        held = oof.folds == k
-        cal = fit_calibrator(method, oof.logits[~held], oof.labels[~held])
-        crossfit[held] = cal.predict_proba(oof.logits[held])
+    crossfit = crossfit_probs(oof, method)
     final = fit_calibrator(method, oof.logits, oof.labels)
     calibrated = final.predict_proba(oof.logits)
 

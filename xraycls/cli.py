@@ -223,6 +223,176 @@ def evaluate(
     typer.echo(f"evaluate: -> {target / 'metrics.json'}")
 
 
+@app.command()
+def compare(
+    run_dirs: Annotated[
+        list[Path], typer.Argument(help="Run folders trained on the same data set and labels.")
+    ],
+    out: Annotated[Path, typer.Option("--out", help="Report folder: report.md/json + PNGs.")],
+    baseline: Annotated[
+        str | None,
+        typer.Option(help="Run folder name or backbone to test against (default: the ResNet50)."),
+    ] = None,
+    n_boot: Annotated[int, typer.Option(help="Bootstrap resamples for the 95% CIs.")] = 1000,
+) -> None:
+    """Compare runs side by side: AUROC with CIs, DeLong vs baseline and floor, ECE, timings."""
+    from xraycls.bundle import BundleError
+    from xraycls.compare import compare_runs
+
+    try:
+        compare_runs(
+            run_dirs,
+            out,
+            baseline=baseline,
+            n_boot=n_boot,
+            log=lambda m: console.print(m, markup=False, highlight=False),
+        )
+    except BundleError as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from e
+    typer.echo(f"compare: -> {out / 'report.md'}")
+
+
+def _viewer_script() -> Path:
+    """``$XRAYCLS_APP``, else ``app/streamlit_app.py`` beside the package (a source checkout or
+    an editable install; a wheel does not carry ``app/``: pass ``--script``)."""
+    import os
+
+    env = os.environ.get("XRAYCLS_APP")
+    return Path(env) if env else Path(__file__).resolve().parents[1] / "app" / "streamlit_app.py"
+
+
+@app.command(name="app")
+def viewer(
+    runs: Annotated[Path, typer.Option(help="Folder searched for run bundles.")] = Path("runs"),
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8501,
+    address: Annotated[
+        str, typer.Option(help="Address to bind; 0.0.0.0 exposes uploads to the network.")
+    ] = "127.0.0.1",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, ...")] = "auto",
+    max_upload_mb: Annotated[int, typer.Option(help="Per-file upload limit in MB.")] = 200,
+    script: Annotated[
+        Path | None,
+        typer.Option(help="The Streamlit script (default: $XRAYCLS_APP or app/streamlit_app.py)."),
+    ] = None,
+) -> None:
+    """Start the viewer (Streamlit): upload radiographs, see calibrated predictions and Grad-CAM.
+
+    Research use only, not a medical device. Uploads are decoded in memory, never stored.
+    """
+    import importlib.util
+    import os
+    import subprocess
+    import sys
+
+    path = script or _viewer_script()
+    if not path.is_file():
+        console.print(
+            f"[red]error:[/red] viewer script not found at {path}; run from a source checkout, "
+            "or pass --script PATH (or set XRAYCLS_APP) to app/streamlit_app.py"
+        )
+        raise typer.Exit(2)
+    if importlib.util.find_spec("streamlit") is None:
+        console.print("[red]error:[/red] streamlit is not installed: pip install 'xraycls[app]'")
+        raise typer.Exit(2)
+    cmd = [
+        sys.executable, "-m", "streamlit", "run", str(path),
+        "--server.address", address, "--server.port", str(port),
+        "--server.headless", "true", "--server.fileWatcherType", "none",
+        "--server.maxUploadSize", str(max_upload_mb), "--browser.gatherUsageStats", "false",
+        "--client.toolbarMode", "minimal",
+        "--", "--runs", str(runs.resolve()), "--device", device,
+        "--max-upload-mb", str(max_upload_mb),
+    ]  # fmt: skip
+    typer.echo(f"viewer: http://{address}:{port} (runs from {runs.resolve()}; research use only)")
+    if os.name != "posix":
+        raise typer.Exit(subprocess.call(cmd))
+    os.execv(sys.executable, cmd)  # streamlit takes over this process: signals reach it
+
+
+class MembersChoice(StrEnum):
+    auto = "auto"
+    refit = "refit"
+    folds = "folds"
+
+
+class EngineChoice(StrEnum):
+    local = "local"
+    ray = "ray"
+
+
+@app.command()
+def predict(
+    source: Annotated[
+        Path, typer.Argument(help="An image, a folder (recursive) or a CSV with a path column.")
+    ],
+    run: Annotated[Path, typer.Option("--run", help="A `xraycls train` run folder.")],
+    out: Annotated[Path, typer.Option("--out", help="Results CSV (resumed when it exists).")],
+    cam_dir: Annotated[
+        Path | None, typer.Option(help="Write a CAM overlay PNG per readable file here.")
+    ] = None,
+    cam_method: Annotated[str, typer.Option(help="gradcam, gradcam++, hirescam, ...")] = "gradcam",
+    dicom_out: Annotated[
+        Path | None, typer.Option(help="Write a DICOM Secondary Capture per DICOM input here.")
+    ] = None,
+    workers: Annotated[int | None, typer.Option(help="Decoding processes (default: CPUs).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Files per model batch.")] = 16,
+    parquet: Annotated[
+        bool, typer.Option("--parquet", help="Also write the results as Parquet at the end.")
+    ] = False,
+    members: Annotated[
+        MembersChoice, typer.Option(help="Refit weights, fold ensemble, or refit if present.")
+    ] = MembersChoice.auto,
+    engine: Annotated[
+        EngineChoice, typer.Option(help="local (DataLoader) or ray (Ray Data).")
+    ] = EngineChoice.local,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, ...")] = "auto",
+) -> None:
+    """Score images with a run bundle: one row per file with calibrated probabilities.
+
+    Resumable (files already in --out are skipped) and safe to kill. Exit code 0 when the run
+    finished, even if some files were errors (see the status and error columns); 2 when the run
+    cannot start (bad --run, missing INPUT, --out from other settings).
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    from xraycls.bundle import BundleError
+    from xraycls.manifest import LabelsError
+    from xraycls.score import ScoreError, score
+
+    with Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
+    ) as bar:
+        task = bar.add_task("predict", total=None)
+        try:
+            summary = score(
+                source,
+                out,
+                run=run,
+                members=members.value,  # type: ignore[arg-type]
+                device=device,
+                workers=workers,
+                batch_size=batch_size,
+                cam_dir=cam_dir,
+                cam_method=cam_method,
+                dicom_out=dicom_out,
+                parquet=parquet,
+                engine=engine.value,  # type: ignore[arg-type]
+                on_progress=lambda done, total: bar.update(task, completed=done, total=total),
+            )
+        except (BundleError, LabelsError, ScoreError, FileNotFoundError, NotADirectoryError) as e:
+            from rich.markup import escape
+
+            console.print(f"[red]error:[/red] {escape(str(e))}", soft_wrap=True, highlight=False)
+            raise typer.Exit(2) from e
+    console.print(f"predict: {summary.line()}", markup=False, highlight=False, soft_wrap=True)
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

@@ -24,6 +24,7 @@ from xraycls.metrics import (
     classification_metrics,
     ece,
     nll,
+    reliability_curve,
 )
 from xraycls.predict import Predictor
 from xraycls.preprocess import ImageCache
@@ -180,7 +181,7 @@ def _plots(
 
     fig, ax = plt.subplots(figsize=(5, 5))
     for probs, name in ((q, "uncalibrated"), (p, "calibrated")):
-        conf, acc = _reliability(probs, y)
+        conf, acc = reliability_curve(probs, y)
         ax.plot(conf, acc, marker="o", label=f"{name} (ECE {ece(probs, y)[0]:.3f})")
     ax.plot([0, 1], [0, 1], "k:", lw=1)
     ax.set(xlabel="confidence (top label)", ylabel="accuracy", title="reliability, 15 bins")
@@ -199,15 +200,3 @@ def _plots(
     )
     fig.savefig(out / "confusion.png", dpi=100, bbox_inches="tight")
     plt.close(fig)
-
-
-def _reliability(
-    probs: np.ndarray, y: np.ndarray, n_bins: int = 15
-) -> tuple[np.ndarray, np.ndarray]:
-    conf = probs.max(1)
-    correct = probs.argmax(1) == y
-    bins = np.minimum((conf * n_bins).astype(int), n_bins - 1)
-    keep = [b for b in range(n_bins) if np.any(bins == b)]
-    return np.array([conf[bins == b].mean() for b in keep]), np.array(
-        [correct[bins == b].mean() for b in keep]
-    )

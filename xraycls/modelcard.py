@@ -15,10 +15,9 @@ from typing import Any
 
 import numpy as np
 from scipy.special import softmax
-from sklearn.metrics import roc_auc_score
 
-from xraycls.bundle import read_oof
-from xraycls.metrics import bootstrap_ci, delong_test
+from xraycls.bundle import BundleError, read_oof
+from xraycls.metrics import FAST_METRICS, bootstrap_ci, delong_test
 
 
 def _num(value: float | None, digits: int = 3) -> str:
@@ -28,24 +27,22 @@ def _num(value: float | None, digits: int = 3) -> str:
 
 def write_model_card(run_dir: str | Path, *, n_boot: int = 1000) -> Path:
     """Write ``RUN_DIR/MODEL_CARD.md`` and return its path."""
-    import csv
-
     run = Path(run_dir)
     config = (run / "config.yaml").read_text()
     metrics = json.loads((run / "metrics.json").read_text())
     bundle = json.loads((run / "bundle.json").read_text())
     oof = read_oof(run)
     probs = softmax(oof.logits, axis=1)
-    with (run / "oof_predictions.csv").open(newline="") as f:
-        rows = list(csv.DictReader(f))
-    floor = np.array([[float(r[f"floor_prob_{c}"]) for c in oof.classes] for r in rows])
+    if oof.floor is None:
+        raise BundleError(f"{run / 'oof_predictions.csv'}: no floor_prob_* columns")
+    floor = oof.floor
     classes = oof.classes
 
     def ci(p: np.ndarray, name: str) -> str:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             v, lo, hi = bootstrap_ci(
-                _METRICS[name], p, oof.labels, groups=oof.groups, n_boot=n_boot
+                FAST_METRICS[name], p, oof.labels, groups=oof.groups, n_boot=n_boot
             )
         return f"{v:.3f} [{lo:.3f}, {hi:.3f}]"
 
@@ -126,40 +123,6 @@ def write_model_card(run_dir: str | Path, *, n_boot: int = 1000) -> Path:
     path = run / "MODEL_CARD.md"
     path.write_text("\n".join(lines))
     return path
-
-
-def _auroc(p: np.ndarray, y: np.ndarray) -> float:
-    if p.shape[1] == 2:
-        return float(roc_auc_score(y, p[:, 1]))
-    return float(roc_auc_score(y, p, multi_class="ovr", labels=list(range(p.shape[1]))))
-
-
-def _recall_per_class(p: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-class sensitivity and specificity at the argmax decision."""
-    pred = p.argmax(1)
-    classes = np.arange(p.shape[1])
-    sens = np.array([np.mean(pred[y == c] == c) if np.any(y == c) else np.nan for c in classes])
-    spec = np.array([np.mean(pred[y != c] != c) if np.any(y != c) else np.nan for c in classes])
-    return sens, spec
-
-
-# Fast versions of classification_metrics' entries (binary: of the last class; multi-class:
-# macro averages): the bootstrap calls each a thousand times.
-_METRICS = {
-    "auroc": _auroc,
-    "accuracy": lambda p, y: float(np.mean(p.argmax(1) == y)),
-    "sensitivity": lambda p, y: float(
-        _recall_per_class(p, y)[0][-1]
-        if p.shape[1] == 2
-        else np.nanmean(_recall_per_class(p, y)[0])
-    ),
-    "specificity": lambda p, y: float(
-        _recall_per_class(p, y)[1][-1]
-        if p.shape[1] == 2
-        else np.nanmean(_recall_per_class(p, y)[1])
-    ),
-    "balanced_accuracy": lambda p, y: float(np.nanmean(_recall_per_class(p, y)[0])),
-}
 
 
 def _data_name(config_yaml: str) -> str:

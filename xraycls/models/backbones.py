@@ -440,7 +440,6 @@ class MaxVitClassifier(TimmClassifier):
         return state, resized
 
 
-
 def _tune_maxxvit(backbone: nn.Module) -> None:
     """Switch a timm ``MaxxVit`` to the execution ``MaxVitClassifier`` describes, in place.
 
