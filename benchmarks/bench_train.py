@@ -35,7 +35,9 @@ def one_config(name: str, size: int, mode: str, steps: int) -> dict[str, float |
     from xraycls.models import create_model
 
     torch.manual_seed(0)
-    model = create_model(name, num_classes=2, image_size=size, grad_checkpointing=mode == "fp32+ckpt")
+    model = create_model(
+        name, num_classes=2, image_size=size, grad_checkpointing=mode == "fp32+ckpt"
+    )
     model.train()
     if model.channels_last_preferred:
         model = model.to(memory_format=torch.channels_last)
@@ -71,15 +73,34 @@ def part1(families: list[str], sizes: list[int], steps: int, timeout: float) -> 
             for mode in MODES:
                 cmd = [sys.executable, __file__, "--child", f"{name},{size},{mode},{steps}"]
                 try:
-                    out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=True)
+                    out = subprocess.run(
+                        cmd, capture_output=True, text=True, timeout=timeout, check=True
+                    )
                     row = json.loads(out.stdout.strip().splitlines()[-1])
                 except subprocess.TimeoutExpired:
-                    row = {"model": name, "size": size, "mode": mode, "step_seconds": None, "peak_rss_gb": None, "note": f"over {timeout:.0f} s"}
+                    row = {
+                        "model": name,
+                        "size": size,
+                        "mode": mode,
+                        "step_seconds": None,
+                        "peak_rss_gb": None,
+                        "note": f"over {timeout:.0f} s",
+                    }
                 except subprocess.CalledProcessError as e:
-                    row = {"model": name, "size": size, "mode": mode, "step_seconds": None, "peak_rss_gb": None, "note": e.stderr.strip().splitlines()[-1][:120]}
+                    row = {
+                        "model": name,
+                        "size": size,
+                        "mode": mode,
+                        "step_seconds": None,
+                        "peak_rss_gb": None,
+                        "note": e.stderr.strip().splitlines()[-1][:120],
+                    }
                 rows.append(row)
                 s = f"{row['step_seconds']:.2f} s" if row["step_seconds"] else row.get("note", "?")
-                print(f"  {name:18s} {size:5d} {mode:10s} {s:>10s}  rss {row['peak_rss_gb'] or 0:.1f} GB", flush=True)
+                print(
+                    f"  {name:18s} {size:5d} {mode:10s} {s:>10s}  rss {row['peak_rss_gb'] or 0:.1f} GB",
+                    flush=True,
+                )
     return rows
 
 
@@ -93,7 +114,10 @@ def part2(name: str, size: int, batch: int, batches: int, rounds: int) -> dict:
 
     torch.manual_seed(0)
     model = create_model(name, num_classes=2, image_size=size)
-    data = [{"image": torch.randn(batch, 3, size, size), "label": torch.randint(0, 2, (batch,))} for _ in range(batches)]
+    data = [
+        {"image": torch.randn(batch, 3, size, size), "label": torch.randint(0, 2, (batch,))}
+        for _ in range(batches)
+    ]
     loss_fn = torch.nn.CrossEntropyLoss()
     stage = StageConfig(epochs=1, train="all", lr=1e-4)
     set_trainable(model, stage.train)
@@ -103,8 +127,14 @@ def part2(name: str, size: int, batch: int, batches: int, rounds: int) -> dict:
     def engine() -> float:
         t0 = time.perf_counter()
         train_one_epoch(
-            model, data, opt, loss_fn=loss_fn, amp=Amp(None, False, "cpu"), scaler=scaler,
-            device=torch.device("cpu"), schedule=StepSchedule(opt, total=batches, warmup=0),
+            model,
+            data,
+            opt,
+            loss_fn=loss_fn,
+            amp=Amp(None, False, "cpu"),
+            scaler=scaler,
+            device=torch.device("cpu"),
+            schedule=StepSchedule(opt, total=batches, warmup=0),
         )
         return time.perf_counter() - t0
 
@@ -124,8 +154,12 @@ def part2(name: str, size: int, batch: int, batches: int, rounds: int) -> dict:
         te.append(engine())
         tb.append(bare())
     return {
-        "model": name, "size": size, "batch": batch, "batches": batches,
-        "engine_s": statistics.median(te), "bare_s": statistics.median(tb),
+        "model": name,
+        "size": size,
+        "batch": batch,
+        "batches": batches,
+        "engine_s": statistics.median(te),
+        "bare_s": statistics.median(tb),
         "engine_speed_vs_bare": statistics.median(tb) / statistics.median(te),
     }
 
@@ -150,24 +184,38 @@ def main() -> None:
     result: dict = {"threads": torch.get_num_threads(), "torch": torch.__version__}
     if not args.skip_part1:
         print("part 1: fwd+bwd step, batch 1 (median of timed steps after a warm-up)")
-        result["steps"] = part1(args.families.split(","), [int(s) for s in args.sizes.split(",")], args.steps, args.timeout)
+        result["steps"] = part1(
+            args.families.split(","),
+            [int(s) for s in args.sizes.split(",")],
+            args.steps,
+            args.timeout,
+        )
     print("part 2: engine vs bare loop")
     result["engine"] = [
         part2("swin_test", 224, 32, 6, 5),  # the demo model and batch
         part2("resnet50", 224, 8, 3, 3),
     ]
     for r in result["engine"]:
-        print(f"  {r['model']} {r['size']}px batch {r['batch']}: engine {r['engine_s']:.2f} s, bare {r['bare_s']:.2f} s -> {r['engine_speed_vs_bare']:.3f}x")
+        print(
+            f"  {r['model']} {r['size']}px batch {r['batch']}: engine {r['engine_s']:.2f} s, bare {r['bare_s']:.2f} s -> {r['engine_speed_vs_bare']:.3f}x"
+        )
 
     if "steps" in result:
-        print("\n| model | size | fp32 s/img | fp32+ckpt s/img | bf16 s/img | peak RSS fp32 / ckpt / bf16 (GB) |")
+        print(
+            "\n| model | size | fp32 s/img | fp32+ckpt s/img | bf16 s/img | peak RSS fp32 / ckpt / bf16 (GB) |"
+        )
         print("|---|---|---|---|---|---|")
         by = {(r["model"], r["size"], r["mode"]): r for r in result["steps"]}
         for size in sorted({r["size"] for r in result["steps"]}, reverse=True):
             for name in args.families.split(","):
                 cells = [by.get((name, size, m), {}) for m in MODES]
-                secs = " | ".join(f"{c['step_seconds']:.2f}" if c.get("step_seconds") else c.get("note", "-") for c in cells)
-                rss = " / ".join(f"{c['peak_rss_gb']:.1f}" if c.get("peak_rss_gb") else "-" for c in cells)
+                secs = " | ".join(
+                    f"{c['step_seconds']:.2f}" if c.get("step_seconds") else c.get("note", "-")
+                    for c in cells
+                )
+                rss = " / ".join(
+                    f"{c['peak_rss_gb']:.1f}" if c.get("peak_rss_gb") else "-" for c in cells
+                )
                 print(f"| {name} | {size} | {secs} | {rss} |")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import warnings
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -36,6 +35,7 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.isotonic import IsotonicRegression
 from sklearn.linear_model import LogisticRegression
 
+from xraycls.fsutil import mkstemp_beside
 from xraycls.metrics import nll
 
 FORMAT = 1
@@ -387,7 +387,7 @@ def save_calibration(path: str | Path, calibrator: Calibrator, **extra: Any) -> 
         raise ValueError("'calibrator' is reserved")
     path = Path(path)
     text = json.dumps({"calibrator": calibrator.to_dict(), **extra}, indent=2, allow_nan=False)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = mkstemp_beside(path)
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text + "\n")

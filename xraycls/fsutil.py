@@ -5,10 +5,35 @@ from __future__ import annotations
 import json
 import math
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+
+def mkstemp_beside(path: str | Path, suffix: str = ".tmp") -> tuple[int, str]:
+    """A temporary file in ``path``'s folder (for an atomic rename onto ``path``).
+
+    Unlike :func:`tempfile.mkstemp`'s private 0600 file, it gets the mode a plain ``open`` would
+    give (0666 minus the umask), so results meant for colleagues, viewers or PACS stay readable.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    os.fchmod(fd, 0o666 & ~_umask())
+    return fd, tmp
+
+
+def _umask() -> int:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # not thread-safe: only where /proc is missing
+    os.umask(mask)
+    return mask
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import csv
 import os
-import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+
+from xraycls.fsutil import mkstemp_beside
 
 MANIFEST_COLUMNS = [
     "path",
@@ -93,7 +94,7 @@ def write_table(path: str | Path, rows: Iterable[Mapping[str, object]], columns:
     """Write a CSV atomically: a reader sees the old file or the new one, never half of one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = mkstemp_beside(path)
     try:
         with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
             w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
@@ -19,6 +18,7 @@ from typing import Literal
 import numpy as np
 
 from xraycls.dicom import DEFAULT_PERCENTILES, ImageMeta, Window, read_bytes, read_image
+from xraycls.fsutil import mkstemp_beside
 
 PREPROCESS_VERSION = 1
 """Bump when the rendering or resizing code changes what it produces: old cache entries die."""
@@ -146,7 +146,7 @@ class ImageCache:
         p = self.path(key)
         p.parent.mkdir(parents=True, exist_ok=True)
         q = to_uint16(pixels)
-        fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=".tmp-", suffix=".npy")
+        fd, tmp = mkstemp_beside(p, suffix=".npy")
         try:
             with os.fdopen(fd, "wb") as f:
                 np.save(f, q, allow_pickle=False)
