@@ -271,6 +271,9 @@ def viewer(
     ] = "127.0.0.1",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, ...")] = "auto",
     max_upload_mb: Annotated[int, typer.Option(help="Per-file upload limit in MB.")] = 200,
+    threads: Annotated[
+        int, typer.Option(help="Torch CPU threads (0: one per core; 1 on a busy shared CPU).")
+    ] = 0,
     script: Annotated[
         Path | None,
         typer.Option(help="The Streamlit script (default: $XRAYCLS_APP or app/streamlit_app.py)."),
@@ -302,7 +305,7 @@ def viewer(
         "--server.maxUploadSize", str(max_upload_mb), "--browser.gatherUsageStats", "false",
         "--client.toolbarMode", "minimal",
         "--", "--runs", str(runs.resolve()), "--device", device,
-        "--max-upload-mb", str(max_upload_mb),
+        "--max-upload-mb", str(max_upload_mb), "--threads", str(threads),
     ]  # fmt: skip
     typer.echo(f"viewer: http://{address}:{port} (runs from {runs.resolve()}; research use only)")
     if os.name != "posix":
@@ -324,7 +327,10 @@ class EngineChoice(StrEnum):
 @app.command()
 def predict(
     source: Annotated[
-        Path, typer.Argument(help="An image, a folder (recursive) or a CSV with a path column.")
+        Path,
+        typer.Argument(
+            metavar="INPUT", help="An image, a folder (recursive) or a CSV with a path column."
+        ),
     ],
     run: Annotated[Path, typer.Option("--run", help="A `xraycls train` run folder.")],
     out: Annotated[Path, typer.Option("--out", help="Results CSV (resumed when it exists).")],
@@ -385,7 +391,7 @@ def predict(
                 engine=engine.value,  # type: ignore[arg-type]
                 on_progress=lambda done, total: bar.update(task, completed=done, total=total),
             )
-        except (BundleError, LabelsError, ScoreError, FileNotFoundError, NotADirectoryError) as e:
+        except (BundleError, LabelsError, ScoreError, OSError) as e:
             from rich.markup import escape
 
             console.print(f"[red]error:[/red] {escape(str(e))}", soft_wrap=True, highlight=False)

@@ -519,7 +519,7 @@ def render_markdown(report: dict[str, Any], run_dirs: list[str]) -> str:
     op = rows[0]["operating_point"]
     lines += [
         "",
-        f"Sensitivity / specificity: {'at the operating point `' + op + '`' if binary else 'macro averages at the argmax decision'}"
+        f"Accuracy, sensitivity, specificity: {'at the operating point `' + op + '`' if binary else 'at the argmax decision (sensitivity and specificity: macro averages over classes)'}"
         + (
             ": for each fold the threshold is chosen on the other folds' calibrated OOF "
             "probabilities, so these are the rates to expect on new data from the same source."
