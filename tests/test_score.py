@@ -362,3 +362,26 @@ def test_shared_dicom_corpus_lists_every_file_and_scores_every_chest_file(
     assert [f for f in should_decode if by_rel[f]["status"] != "ok"] == []
     assert all(r["error"] and r["error_code"] for r in rows if r["status"] == "error")
     assert s.ok + s.error == len(inventory)
+
+
+def test_awkward_file_names_are_scored_and_resumed(tmp_path: Path, predictor: Predictor) -> None:
+    """A Latin-1 name (not UTF-8: os.walk yields surrogates) and a name with a line break are
+    scored, written, resumed and exported to Parquet; output names stay single-line."""
+    pytest.importorskip("pyarrow")
+    root = tmp_path / "src"
+    write_square_dataset(root, n=2)
+    (root / "labels.csv").unlink()
+    latin1 = os.fsdecode(b"M\xfcller.png")  # surrogate-escaped, as os.walk returns it
+    os.rename(root / "img000.png", root / latin1)
+    os.rename(root / "img001.png", root / "two\nlines.png")
+    out, cams = tmp_path / "r.csv", tmp_path / "cams"
+    s = score(root, out, run=predictor, workers=0, cam_dir=cams, parquet=True)
+    assert (s.ok, s.error) == (2, 0)
+    raw = out.read_bytes()
+    assert b"M\xfcller.png" in raw  # the file system's bytes, round-tripped
+    assert sorted(p.name for p in cams.iterdir()) == sorted([f"{latin1}.png", "two_lines.png.png"])
+    again = score(root, out, run=predictor, workers=0, cam_dir=cams, parquet=True)
+    assert (again.ok, again.skipped) == (0, 2)
+    import pyarrow.parquet as pq
+
+    assert pq.read_table(out.with_suffix(".parquet")).num_rows == 2

@@ -80,7 +80,7 @@ def read_labels(csv_path: str | Path) -> list[dict[str, str]]:
 def read_table(path: str | Path) -> list[dict[str, str]]:
     """Read a CSV written by :func:`write_table` (tolerating a torn last line from a kill)."""
     path = Path(path)
-    with path.open(newline="", encoding="utf-8") as f:
+    with path.open(newline="", encoding="utf-8", errors="surrogateescape") as f:
         reader = csv.DictReader(f)
         n = len(reader.fieldnames or [])
         return [
@@ -96,7 +96,8 @@ def write_table(path: str | Path, rows: Iterable[Mapping[str, object]], columns:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = mkstemp_beside(path)
     try:
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
+        # surrogateescape: non-UTF-8 file names round-trip as their bytes instead of crashing.
+        with os.fdopen(fd, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
             w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
             w.writeheader()
             for row in rows:
@@ -125,7 +126,7 @@ class Journal:
         new = not self.path.exists() or self.path.stat().st_size == 0
         if not new:
             self._repair_tail()
-        self._f = self.path.open("a", newline="", encoding="utf-8")
+        self._f = self.path.open("a", newline="", encoding="utf-8", errors="surrogateescape")
         self._w = csv.DictWriter(self._f, fieldnames=self.columns, extrasaction="ignore")
         if new:
             self._w.writeheader()

@@ -28,11 +28,11 @@ from __future__ import annotations
 
 import csv
 import fcntl
-import functools
 import hashlib
 import io
 import json
 import os
+import re
 import time
 import warnings
 from collections import Counter
@@ -135,7 +135,10 @@ def output_name(path: Path, root: Path, suffix: str) -> Path:
         rel = Path(*path.parts[1:]) if path.is_absolute() else path
     if str(rel) in ("", "."):
         rel = Path(path.name)
-    return rel.with_name(rel.name + suffix)
+    # Line breaks become "_": output names must stay single-line in the results CSV, where only
+    # the first column (the input path) may hold one (see ResultsFile.read_existing).
+    parts = [re.sub(r"[\r\n]", "_", part) for part in rel.with_name(rel.name + suffix).parts]
+    return Path(*parts)
 
 
 def _stat_key(path: Path) -> tuple[str, str]:
@@ -333,7 +336,7 @@ class ResultsFile:
             return []
         data = self.path.read_bytes()
         # A kill can tear only the last record; every complete record ends with a newline.
-        text = data[: data.rfind(b"\n") + 1].decode("utf-8", errors="replace")
+        text = data[: data.rfind(b"\n") + 1].decode("utf-8", errors="surrogateescape")
         reader = csv.reader(io.StringIO(text, newline=""))
         header = next(reader, None)
         if header is None:
@@ -356,7 +359,9 @@ class ResultsFile:
     def start(self, rows: Iterable[Mapping[str, object]]) -> None:
         """Write ``rows`` atomically (dropping torn or stale records) and open for appending."""
         write_table(self.path, rows, self.columns)
-        self._f = self.path.open("a", newline="", encoding="utf-8")
+        # surrogateescape: file names that are not UTF-8 (os.walk gives them as surrogates)
+        # are written back as their original bytes instead of crashing the run.
+        self._f = self.path.open("a", newline="", encoding="utf-8", errors="surrogateescape")
 
     def append(self, rows: list[dict[str, str]]) -> None:
         """Append whole rows in one write, then flush and fsync."""
@@ -438,13 +443,14 @@ def _check_settings(out: Path, settings: dict[str, Any], existing: bool) -> None
 # --------------------------------------------------------------------------- CAM and DICOM
 
 
-@functools.cache
 def _write_bytes_atomic(path: Path, data: bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = mkstemp_beside(path)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+            f.flush()
+            os.fsync(f.fileno())  # before the fsynced CSV row that names this file
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -501,7 +507,8 @@ def write_secondary_capture(
     from xraycls import __version__
 
     try:
-        src = pydicom.dcmread(source, stop_before_pixels=True)
+        # force: the file was already decoded as DICOM, preamble-less (ACR-NEMA) ones included.
+        src = pydicom.dcmread(source, stop_before_pixels=True, force=True)
     except Exception as e:
         raise ImageReadError(source, f"cannot re-read the DICOM header: {e}") from e
     now = time.strftime("%Y%m%d"), time.strftime("%H%M%S")
@@ -893,8 +900,12 @@ def write_parquet(csv_path: Path, columns: list[str]) -> Path:
     types = {c: numeric.get(c, pa.string()) for c in columns}
     table = pcsv.read_csv(
         csv_path,
+        parse_options=pcsv.ParseOptions(newlines_in_values=True),  # paths may hold line breaks
         convert_options=pcsv.ConvertOptions(
-            column_types=types, null_values=[""], strings_can_be_null=False
+            column_types=types,
+            null_values=[""],
+            strings_can_be_null=False,
+            check_utf8=False,  # file names that are not UTF-8 keep their bytes, as in the CSV
         ),
     )
     target = csv_path.with_suffix(".parquet")
