@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -30,6 +32,16 @@ def _fixed_salt(monkeypatch: pytest.MonkeyPatch) -> None:
     import xraycls.dicom as d
 
     monkeypatch.setattr(d, "_SALT", None)
+
+
+@pytest.fixture(autouse=True)
+def _restore_main_module() -> Iterator[None]:
+    # Streamlit's AppTest installs the app script as sys.modules["__main__"] and leaves it
+    # there; a later test that spawns worker processes (DataLoader, Ray) would then re-run the
+    # app script in every child. Put the real __main__ back after each test.
+    main = sys.modules["__main__"]
+    yield
+    sys.modules["__main__"] = main
 
 
 def pkg_file(name: str) -> str:
