@@ -517,6 +517,10 @@ def render_markdown(report: dict[str, Any], run_dirs: list[str]) -> str:
             + " |"
         )
     op = rows[0]["operating_point"]
+    rules = {
+        r["name"]: f"{r['operating_point']}, {r['calibration_method'] or 'no'} calibration"
+        for r in rows[:-1]
+    }
     lines += [
         "",
         f"Accuracy, sensitivity, specificity: {'at the operating point `' + op + '`' if binary else 'at the argmax decision (sensitivity and specificity: macro averages over classes)'}"
@@ -531,6 +535,14 @@ def render_markdown(report: dict[str, Any], run_dirs: list[str]) -> str:
         f"the training device ({rows[0].get('device') or '?'}).",
         "",
     ]
+    if len(set(rules.values())) > 1:
+        lines += [
+            "**The runs do not share one decision rule**, so their accuracy, sensitivity and "
+            "specificity are not comparable: "
+            + "; ".join(f"{name}: {rule}" for name, rule in rules.items())
+            + ".",
+            "",
+        ]
     if not binary:
         lines += [
             "## AUROC per class (one-vs-rest, OOF)",
@@ -548,7 +560,8 @@ def render_markdown(report: dict[str, Any], run_dirs: list[str]) -> str:
         "",
         "- **The floor** is a logistic regression on 32x32 downsampled pixels, fitted on the same "
         "folds. On the Kermany pediatric set it is strong because of acquisition shortcuts; a "
-        "backbone is only interesting by what it adds over it (Δ vs floor).",
+        "backbone is only interesting by what it adds over it (Δ vs floor, against the floor "
+        "fitted on that run's own folds; the floor row is the baseline's).",
         f"- {n_tests} comparisons are shown, without correction for multiple testing; p-values "
         "are image-level DeLong tests, the intervals are patient-level.",
         "- Runs that differ in more than the backbone (epochs, image size, pretraining) are "
