@@ -202,10 +202,13 @@ def test_intensity_check_is_a_calibrated_conformal_test() -> None:
 def test_intensity_reference_from_the_bundle(
     runs: Path, predictor: Predictor, tmp_path: Path
 ) -> None:
-    ref, source = V.intensity_reference_for_run(runs / "a", predictor.prep)
+    bare = tmp_path / "bare"  # an older bundle, without a stored reference
+    shutil.copytree(runs / "a", bare)
+    (bare / V.INTENSITY_REFERENCE_FILE).unlink(missing_ok=True)
+    ref, source = V.intensity_reference_for_run(bare, predictor.prep)
     assert ref is not None and ref.n == 24 and "computed from 24 of 24 training images" in source
     stored = tmp_path / "s"
-    shutil.copytree(runs / "a", stored)
+    shutil.copytree(bare, stored)
     (stored / V.INTENSITY_REFERENCE_FILE).write_text(json.dumps(ref.to_dict()))
     again, source = V.intensity_reference_for_run(stored, predictor.prep)
     assert again is not None and source.startswith("stored in the bundle")
@@ -473,3 +476,11 @@ def test_cli_app_command_builds_the_streamlit_line(
     assert argv[argv.index("--runs") + 1] == str(runs.resolve())
     missing = CliRunner().invoke(cli, ["app", "--script", str(runs / "nope.py")])
     assert missing.exit_code == 2 and "viewer script not found" in missing.output
+
+
+def test_train_stores_the_intensity_reference_the_viewer_reads(tiny_run: Path) -> None:
+    stored = json.loads((tiny_run / V.INTENSITY_REFERENCE_FILE).read_text())
+    predictor = Predictor.from_run(tiny_run)
+    ref, where = V.intensity_reference_for_run(tiny_run, predictor.prep)
+    assert ref is not None and where.startswith("stored in the bundle")
+    assert ref.n == len(stored["distances"]) == 24  # every image of the synthetic set

@@ -50,6 +50,7 @@ from xraycls.fsutil import write_json_atomic, write_text_atomic
 from xraycls.metrics import classification_metrics
 from xraycls.modelcard import write_model_card
 from xraycls.preprocess import ImageCache, Preprocessing
+from xraycls.viewer import store_intensity_reference
 
 LOG_COLUMNS = [
     "model",
@@ -215,6 +216,7 @@ def run_training(
             f"{cal['after_crossfit']['ece']:.4f} (cross-fitted)"
         )
     write_model_card(out)
+    store_intensity_reference(out, ctx.prep)  # for the viewer's out-of-distribution check
     log(
         f"pooled OOF AUROC {pooled['auroc']:.4f}, accuracy {pooled['accuracy']:.4f}; floor (logistic "
         f"regression on 32x32 pixels, same folds) AUROC {floor['auroc']:.4f} -> {out}"

@@ -43,6 +43,7 @@ import numpy as np
 from xraycls import __version__
 from xraycls.dicom import RawImage, XrayImage, load_image, render
 from xraycls.errors import ImageReadError, ImageTooLargeError
+from xraycls.fsutil import write_json_atomic
 from xraycls.preprocess import Letterbox, Preprocessing, resize_to_square
 
 if TYPE_CHECKING:
@@ -817,6 +818,20 @@ def intensity_reference_for_run(
         images, source=f"computed from {len(images)} of {len(paths)} training images"
     )
     return ref, ref.source + " listed in oof_predictions.csv (not stored in the bundle)"
+
+
+def store_intensity_reference(
+    run_dir: str | Path, prep: Preprocessing, *, max_images: int = 200
+) -> IntensityReference | None:
+    """Compute the run's intensity reference from its training images and store it in the
+    bundle (``intensity_reference.json``), so that the viewer's out-of-distribution check works
+    wherever the bundle is copied, without the training data. ``xraycls train`` calls this."""
+    run = Path(run_dir)
+    (run / INTENSITY_REFERENCE_FILE).unlink(missing_ok=True)
+    ref, _ = intensity_reference_for_run(run, prep, max_images=max_images)
+    if ref is not None:
+        write_json_atomic(run / INTENSITY_REFERENCE_FILE, ref.to_dict())
+    return ref
 
 
 def _training_paths(run: Path) -> list[str]:
