@@ -168,7 +168,12 @@ def bench_one(
     }
     del predictor
     local = end_to_end(
-        src, tmp / f"{label}-local.csv", run, engine="local", batch_size=batch_size, workers=workers
+        src,
+        tmp / f"{run.name}-local.csv",
+        run,
+        engine="local",
+        batch_size=batch_size,
+        workers=workers,
     )
     row |= {f"local_{k}": v for k, v in local.items()}
     row["ratio_end_to_end"] = local["end_to_end_images_per_s"] / limit
@@ -176,7 +181,7 @@ def bench_one(
         row["ratio_steady"] = local["steady_images_per_s"] / limit
     if with_ray:
         remote = end_to_end(
-            src, tmp / f"{label}-ray.csv", run, engine="ray", batch_size=batch_size, workers=None
+            src, tmp / f"{run.name}-ray.csv", run, engine="ray", batch_size=batch_size, workers=None
         )
         row |= {f"ray_{k}": v for k, v in remote.items()}
     return row

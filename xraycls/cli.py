@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -23,6 +23,9 @@ app = typer.Typer(
 )
 console = Console(stderr=True)
 
+if TYPE_CHECKING:
+    from rich.progress import Progress
+
 
 class WindowChoice(StrEnum):
     auto = "auto"
@@ -34,6 +37,20 @@ class WindowChoice(StrEnum):
 class ResizeChoice(StrEnum):
     letterbox = "letterbox"
     squash = "squash"
+
+
+def _progress() -> Progress:
+    """The progress bar of the long-running commands (on stderr, removed when done)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    return Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
+    )
 
 
 @app.callback()
@@ -74,8 +91,6 @@ def ingest(
     Resumable: re-running skips files already done. Exit code 0 when the run finished, even if
     some files were errors (see the manifest's status and error columns).
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
-
     from xraycls.ingest import ingest as run_ingest
     from xraycls.manifest import LabelsError
     from xraycls.preprocess import Preprocessing
@@ -84,14 +99,7 @@ def ingest(
         prep = Preprocessing(image_size=size, resize=resize.value, window=window.value)
     except ValueError as e:
         raise typer.BadParameter(str(e)) from e
-    with Progress(
-        "[progress.description]{task.description}",
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        console=console,
-        transient=True,
-    ) as bar:
+    with _progress() as bar:
         task = bar.add_task("ingest", total=None)
         try:
             summary = run_ingest(
@@ -360,20 +368,11 @@ def predict(
     finished, even if some files were errors (see the status and error columns); 2 when the run
     cannot start (bad --run, missing INPUT, --out from other settings).
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
-
     from xraycls.bundle import BundleError
     from xraycls.manifest import LabelsError
     from xraycls.score import ScoreError, score
 
-    with Progress(
-        "[progress.description]{task.description}",
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        console=console,
-        transient=True,
-    ) as bar:
+    with _progress() as bar:
         task = bar.add_task("predict", total=None)
         try:
             summary = score(
