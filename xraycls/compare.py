@@ -562,8 +562,10 @@ def render_markdown(report: dict[str, Any], run_dirs: list[str]) -> str:
         "folds. On the Kermany pediatric set it is strong because of acquisition shortcuts; a "
         "backbone is only interesting by what it adds over it (Δ vs floor, against the floor "
         "fitted on that run's own folds; the floor row is the baseline's).",
-        f"- {n_tests} comparisons are shown, without correction for multiple testing; p-values "
-        "are image-level DeLong tests, the intervals are patient-level.",
+        f"- {n_tests} comparisons are shown"
+        + ("" if binary else f" ({n_tests * len(classes)} per-class DeLong tests)")
+        + ", without correction for multiple testing; p-values are image-level DeLong tests, "
+        "the intervals are patient-level.",
         "- Runs that differ in more than the backbone (epochs, image size, pretraining) are "
         "compared as whole recipes, not as architectures.",
         "",

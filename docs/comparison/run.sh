@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Reproduces docs/comparison/{label,subtype}/report.md: the demo protocol (configs/demo.yaml:
 # 5-fold patient-grouped CV, up to 10 epochs with early stopping, from scratch) for each of the
-# four backbone families, with two changes so that all eight runs fit on 2 CPU cores (~30 min in
-# all on an idle machine):
+# four backbone families, with two changes so that all eight runs fit on 2 CPU cores (61 min in
+# all here, on CPU cores shared with other jobs):
 #   - the tiny *_test variant of each family (same code path as the real backbone), at 128 px;
 #   - no refit model (cv.refit=false): the comparison uses the pooled out-of-fold predictions,
 #     and `xraycls predict` serves the fold ensemble from these bundles.
