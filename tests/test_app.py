@@ -484,3 +484,14 @@ def test_train_stores_the_intensity_reference_the_viewer_reads(tiny_run: Path) -
     ref, where = V.intensity_reference_for_run(tiny_run, predictor.prep)
     assert ref is not None and where.startswith("stored in the bundle")
     assert ref.n == len(stored["distances"]) == 24  # every image of the synthetic set
+
+
+def test_png_export_is_lossless_and_keeps_colour_order() -> None:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    back = np.asarray(Image.open(io.BytesIO(V.to_png(rgb))))
+    np.testing.assert_array_equal(back, rgb)
+    gray = rng.random((20, 30)).astype(np.float32)
+    assert np.asarray(Image.open(io.BytesIO(V.to_png(gray)))).shape == (20, 30)
