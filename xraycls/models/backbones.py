@@ -198,8 +198,11 @@ class SwinClassifier(XrayClassifier):
         return [b.embeddings, *early, nn.ModuleList([last, b.layernorm])]
 
     def cam_target_layer(self) -> nn.Module:
-        # The final norm's tokens are what the mean pool (and so the head) sees.
-        return self.backbone.layernorm
+        # The last block's input norm, not the final norm: at the final norm Grad-CAM is exactly
+        # each token's share of the mean-pooled logit, and trained models put that evidence on
+        # background tokens (a toy model trained on a bright square: 0/8 maps on the square at
+        # 512 px, vs 8/8 here, where the last stage's window attention still mixes tokens).
+        return self.backbone.encoder.layers[-1].blocks[-1].layernorm_before
 
     def set_grad_checkpointing(self, enabled: bool) -> None:
         if enabled:
