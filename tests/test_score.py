@@ -355,7 +355,7 @@ def test_shared_dicom_corpus_lists_every_file_and_scores_every_chest_file(
     out = tmp_path / "results.csv"
     s = score(root, out, run=predictor, workers=2, batch_size=16)
     _, rows = _read(out)
-    by_rel = {str(Path(r["path"]).relative_to(root)): r for r in rows}
+    by_rel = {str(Path(r["path"]).relative_to(root.resolve())): r for r in rows}
     assert len(rows) == len(by_rel) == len(inventory) and set(by_rel) == set(inventory)
     assert all(by_rel[f]["status"] == "ok" for f in inventory if f.startswith("chest_cr/"))
     should_decode = [f for f, r in inventory.items() if r["decode"].startswith("ok")]
