@@ -98,14 +98,14 @@ def compare_runs(
         raise BundleError("no runs to compare")
     names = _unique_names([d for d, _ in oofs])
     reference = _check_same_data(oofs)
-    order = np.argsort(reference.paths)
+    common = _aligned(reference, sorted(reference.paths))  # every run's rows in this order
     views = [
-        _view(name, d, _aligned(oof, reference.paths), order)
+        _view(name, d, _aligned(oof, common.paths))
         for name, (d, oof) in zip(names, oofs, strict=True)
     ]
     base = _pick_baseline(views, baseline)
-    y = reference.labels[order]
-    groups = reference.groups[order]
+    y = common.labels
+    groups = common.groups
     classes = reference.classes
     floor = _floor_view(base, y)
 
@@ -211,8 +211,7 @@ def _aligned(oof: OutOfFold, reference_paths: list[str]) -> OutOfFold:
     )
 
 
-def _view(name: str, run: Path, oof: OutOfFold, order: np.ndarray) -> RunView:
-    oof = _aligned(oof, [oof.paths[i] for i in order])
+def _view(name: str, run: Path, oof: OutOfFold) -> RunView:
     bundle = _json(run / "bundle.json")
     metrics = _json(run / "metrics.json")
     cal = _json(run / "calibration.json") if (run / "calibration.json").exists() else {}
