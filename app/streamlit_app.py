@@ -26,6 +26,26 @@ from typing import Any
 import streamlit as st
 
 from xraycls import viewer as V
+from xraycls.bundle.format import Bundle, find_bundles
+from xraycls.bundle.summary import (
+    RunSummary,
+    default_members,
+    intensity_reference_for_run,
+    summarize_run,
+)
+from xraycls.inference.analysis import (
+    DEFAULT_MAX_UPLOAD_MB,
+    Analysis,
+    UploadFailure,
+    analyse_many,
+    decision_text,
+    explain,
+    uncertainty,
+    uncertainty_text,
+)
+from xraycls.inference.report import INTENDED_USE, batch_row, build_report, rows_to_csv
+from xraycls.io.display import default_window, display_image, to_png, window_limits
+from xraycls.io.privacy import identifying_fields, safe_header
 
 
 def _args() -> argparse.Namespace:
@@ -37,7 +57,7 @@ def _args() -> argparse.Namespace:
     p.add_argument(
         "--max-upload-mb",
         type=int,
-        default=int(os.environ.get("XRAYCLS_MAX_UPLOAD_MB", V.DEFAULT_MAX_UPLOAD_MB)),
+        default=int(os.environ.get("XRAYCLS_MAX_UPLOAD_MB", DEFAULT_MAX_UPLOAD_MB)),
     )
     return p.parse_known_args(sys.argv[1:])[0]
 
@@ -55,8 +75,8 @@ def load_predictor(run: str, members: str, device: str, stamp: str) -> Any:
     """
     import numpy as np
 
-    from xraycls.cam import explain_pixels
-    from xraycls.predict import Predictor
+    from xraycls.inference.cam import explain_pixels
+    from xraycls.inference.predictor import Predictor
 
     predictor = Predictor.from_run(run, members=members, device=device)  # type: ignore[arg-type]
     size = predictor.prep.image_size
@@ -80,15 +100,15 @@ def set_threads(n: int) -> int:
 
 
 @st.cache_data(max_entries=32, show_spinner=False)
-def run_summary(run: str, stamp: str) -> V.RunSummary:
+def run_summary(run: str, stamp: str) -> RunSummary:
     """Identity, AUROC with interval and calibration of a bundle."""
-    return V.summarize_run(run)
+    return summarize_run(run)
 
 
 @st.cache_resource(max_entries=4, show_spinner="Summarising the training images' intensities…")
 def intensity_reference(run: str, stamp: str, _prep: Any) -> tuple[Any, str]:
     """The bundle's intensity reference for the out-of-distribution check (see viewer.py)."""
-    return V.intensity_reference_for_run(run, _prep)
+    return intensity_reference_for_run(run, _prep)
 
 
 def _session_cache(name: str) -> dict[Any, Any]:
@@ -111,15 +131,15 @@ def _memo(name: str, key: tuple[Any, ...], compute: Any, *, keep: int = 6) -> An
 # --------------------------------------------------------------------------- sidebar
 
 
-def pick_model(args: argparse.Namespace) -> tuple[V.RunSummary, str]:
+def pick_model(args: argparse.Namespace) -> tuple[RunSummary, str]:
     """Runs folder, bundle and ensemble members; shows the bundle's identity."""
     st.sidebar.header("Model")
     root = st.sidebar.text_input("Runs folder", value=args.runs, help="Searched for run bundles.")
-    runs = V.find_runs(root)
-    summaries: dict[str, V.RunSummary] = {}
+    runs = find_bundles(root)
+    summaries: dict[str, RunSummary] = {}
     for run in runs:
         try:
-            summaries[str(run)] = run_summary(str(run), V.bundle_stamp(run))
+            summaries[str(run)] = run_summary(str(run), Bundle.read(run).stamp())
         except ValueError as e:
             st.sidebar.warning(f"Skipped {run}: {e}")
     if not summaries:
@@ -143,7 +163,7 @@ def pick_model(args: argparse.Namespace) -> tuple[V.RunSummary, str]:
     members = st.sidebar.radio(
         "Members",
         options,
-        index=options.index(V.default_members(s)),
+        index=options.index(default_members(s)),
         format_func=labels.__getitem__,
         key=f"members::{choice}",
     )
@@ -164,14 +184,14 @@ def pick_model(args: argparse.Namespace) -> tuple[V.RunSummary, str]:
 
 
 def explanation_controls(
-    summary: V.RunSummary, device: str
+    summary: RunSummary, device: str
 ) -> tuple[str, str | None, float, int | None]:
     """CAM method, target class (None = the decision), opacity, CAM input size.
 
     The CAM input size defaults to the model's on a GPU; on a CPU to at most 512 px, which
     makes the CAM of a 1024-px model about 4x faster at a coarser map.
     """
-    from xraycls.cam import CAM_METHODS
+    from xraycls.inference.cam import CAM_METHODS
 
     st.sidebar.header("Explanation")
     method = st.sidebar.selectbox("CAM method", CAM_METHODS, key="cam_method")
@@ -204,7 +224,7 @@ def explanation_controls(
 
 def analyse_uploads(
     files: list[Any], predictor: Any, model_key: tuple[str, ...], reference: Any, max_mb: int
-) -> list[V.Analysis | V.UploadFailure]:
+) -> list[Analysis | UploadFailure]:
     """Analyse each upload once per model (session cache); bad files become failures."""
     cache = _session_cache("analyses")
     results, keep = [], set()
@@ -215,7 +235,7 @@ def analyse_uploads(
         if key not in cache:
             t0 = time.perf_counter()
             with st.spinner(f"Reading and scoring {f.name}…"):
-                (cache[key],) = V.analyse_many(
+                (cache[key],) = analyse_many(
                     predictor, [(f.name, data)], reference=reference, max_mb=max_mb
                 )
             _session_cache("timings")[key] = time.perf_counter() - t0
@@ -226,14 +246,14 @@ def analyse_uploads(
     return results
 
 
-def show_batch(results: list[V.Analysis | V.UploadFailure], classes: tuple[str, ...]) -> None:
+def show_batch(results: list[Analysis | UploadFailure], classes: tuple[str, ...]) -> None:
     """The table of every upload and its CSV."""
-    rows = [V.batch_row(r, classes) for r in results]
+    rows = [batch_row(r, classes) for r in results]
     st.subheader("Batch")
     st.dataframe(rows, hide_index=True, width="stretch")
     st.download_button(
         "Download batch CSV",
-        V.rows_to_csv(rows),
+        rows_to_csv(rows),
         file_name="xraycls_batch.csv",
         mime="text/csv",
         on_click="ignore",
@@ -241,12 +261,12 @@ def show_batch(results: list[V.Analysis | V.UploadFailure], classes: tuple[str, 
     )
 
 
-def show_prediction(a: V.Analysis, summary: V.RunSummary) -> None:
+def show_prediction(a: Analysis, summary: RunSummary) -> None:
     """Decision, calibrated probabilities with the member spread, OOD warnings."""
     pred = a.prediction
-    st.markdown(f"### Decision: {V.decision_text(pred, summary.classes, summary.threshold)}")
+    st.markdown(f"### Decision: {decision_text(pred, summary.classes, summary.threshold)}")
     cols = st.columns(len(summary.classes))
-    for col, u in zip(cols, V.uncertainty(pred, summary.classes), strict=True):
+    for col, u in zip(cols, uncertainty(pred, summary.classes), strict=True):
         spread = (
             f"members {u.member_min:.3f}-{u.member_max:.3f}" if u.members > 1 else "single model"
         )
@@ -256,7 +276,7 @@ def show_prediction(a: V.Analysis, summary: V.RunSummary) -> None:
             help=f"{spread}; uncalibrated {u.raw_probability:.3f}",
         )
         col.caption(spread)
-    st.caption(V.uncertainty_text(pred, summary.classes))
+    st.caption(uncertainty_text(pred, summary.classes))
     for w in a.ood.warnings():
         st.warning(f"Out of distribution? {w}", icon="⚠️")
     if a.ood.intensity is not None and not a.ood.intensity.flagged:
@@ -265,14 +285,14 @@ def show_prediction(a: V.Analysis, summary: V.RunSummary) -> None:
         st.caption(note)
 
 
-def view_controls(a: V.Analysis) -> tuple[tuple[float, float] | None, tuple[slice, slice], int]:
+def view_controls(a: Analysis) -> tuple[tuple[float, float] | None, tuple[slice, slice], int]:
     """Window level/width (defaults from the header) and zoom.
 
     Returns:
         The window (None: the header's own VOI, untouched), the region to show, the zoom.
     """
-    c0, w0 = _memo("window0", (a.sha256,), lambda: V.default_window(a.raw))
-    lo, hi = _memo("limits", (a.sha256,), lambda: V.window_limits(a.raw))
+    c0, w0 = _memo("window0", (a.sha256,), lambda: default_window(a.raw))
+    lo, hi = _memo("limits", (a.sha256,), lambda: window_limits(a.raw))
     step = 1.0 if hi - lo > 50 else (hi - lo) / 500.0
     w0 = max(float(w0), step)
     key = a.sha256[:16]
@@ -303,9 +323,9 @@ def view_controls(a: V.Analysis) -> tuple[tuple[float, float] | None, tuple[slic
 
 
 def show_images(
-    a: V.Analysis,
+    a: Analysis,
     predictor: Any,
-    summary: V.RunSummary,
+    summary: RunSummary,
     view: tuple[tuple[float, float] | None, tuple[slice, slice], int],
     cam_opts: tuple[str, str | None, float, int | None],
     model_key: tuple[str, ...],
@@ -318,12 +338,12 @@ def show_images(
     method, target, alpha, cam_size = cam_opts
     window, box, zoom = view
     boxkey = (box[0].start, box[0].stop, box[1].start, box[1].stop)
-    shown = _memo("display", (a.sha256, window), lambda: V.display_image(a.raw, window))
+    shown = _memo("display", (a.sha256, window), lambda: display_image(a.raw, window))
     h, w = a.raw.meta.original_shape
     where = f"{w}x{h} px" if zoom == 1 else f"zoom {zoom}x of {w}x{h} px"
     left, right = st.columns(2)
     left.image(
-        _memo("display_png", (a.sha256, window, boxkey), lambda: V.to_png(shown.pixels[box])),
+        _memo("display_png", (a.sha256, window, boxkey), lambda: to_png(shown.pixels[box])),
         caption=f"Original — {shown.meta.window_applied} — {where}",
         output_format="PNG",  # "auto" would re-encode a PNG without alpha as JPEG
         width="stretch",
@@ -334,7 +354,7 @@ def show_images(
         t0 = time.perf_counter()
         try:
             with st.spinner(f"Computing {method}…"):
-                cam = V.explain(predictor, a, method=method, target=target, cam_size=cam_size)
+                cam = explain(predictor, a, method=method, target=target, cam_size=cam_size)
         except (ValueError, RuntimeError) as e:
             right.error(f"{a.name}: cannot compute {method}: {e}")
             return
@@ -346,7 +366,7 @@ def show_images(
         _memo(
             "overlay_png",
             (*cam_key, alpha, window, boxkey),
-            lambda: V.to_png(V.overlay_image(shown.pixels[box], heat[box], alpha=alpha)),
+            lambda: to_png(V.overlay_image(shown.pixels[box], heat[box], alpha=alpha)),
         ),
         caption=f"Grad-CAM overlay — {cam.method}, target {cam.target}",
         output_format="PNG",
@@ -354,12 +374,12 @@ def show_images(
     )
     explanation = {"method": cam.method, "target": cam.target, "cam_size": cam_size, "alpha": alpha}
     stem = Path(a.name).stem or "image"
-    report = V.build_report(a, summary, members=model_key[1], explanation=explanation)
+    report = build_report(a, summary, members=model_key[1], explanation=explanation)
     d1, d2, d3 = st.columns(3)
     # Full-image PNGs are encoded only when clicked (deferred downloads).
     d1.download_button(
         "Download overlay PNG",
-        lambda: V.to_png(V.overlay_image(shown.pixels, heat, alpha=alpha)),
+        lambda: to_png(V.overlay_image(shown.pixels, heat, alpha=alpha)),
         file_name=f"{stem}_{cam.method}.png",
         mime="image/png",
         on_click="ignore",
@@ -375,7 +395,7 @@ def show_images(
     )
     d3.download_button(
         "Download displayed image PNG",
-        lambda: V.to_png(shown.pixels),
+        lambda: to_png(shown.pixels),
         file_name=f"{stem}_window.png",
         mime="image/png",
         on_click="ignore",
@@ -389,14 +409,12 @@ def show_images(
         st.caption(f"Decode + predict {t_pred:.2f} s, {cam.method} {t_cam:.2f} s.")
 
 
-def show_details(a: V.Analysis, data: bytes | None, reveal: bool) -> None:
+def show_details(a: Analysis, data: bytes | None, reveal: bool) -> None:
     """Non-identifying header facts; patient identifiers only when asked for."""
     with st.expander("Image details"):
-        st.table(
-            {"field": list(V.safe_header(a.raw)), "value": list(V.safe_header(a.raw).values())}
-        )
+        st.table({"field": list(safe_header(a.raw)), "value": list(safe_header(a.raw).values())})
         if reveal and data is not None:
-            ids = V.identifying_fields(data)
+            ids = identifying_fields(data)
             if ids:
                 st.table({"field": list(ids), "value": list(ids.values())})
             else:
@@ -414,13 +432,13 @@ def show_details(a: V.Analysis, data: bytes | None, reveal: bool) -> None:
 def main() -> None:
     """The page, top to bottom."""
     st.set_page_config(page_title="xraycls viewer", layout="wide")
-    st.warning(V.INTENDED_USE, icon="⚠️")
+    st.warning(INTENDED_USE, icon="⚠️")
     st.title("Chest X-ray viewer")
     args = _args()
 
     set_threads(args.threads)
     summary, members = pick_model(args)
-    stamp = V.bundle_stamp(summary.path)
+    stamp = Bundle.read(summary.path).stamp()
     try:
         predictor = load_predictor(str(summary.path), members, args.device, stamp)
     except (ValueError, OSError, RuntimeError, KeyError) as e:  # BundleError is a ValueError
@@ -450,11 +468,11 @@ def main() -> None:
         return
     results = analyse_uploads(files, predictor, model_key, reference, args.max_upload_mb)
     for r in results:
-        if isinstance(r, V.UploadFailure):
+        if isinstance(r, UploadFailure):
             st.error(f"Could not read {r.message}", icon="🚫")
     if len(results) > 1:
         show_batch(results, summary.classes)
-    ok = [r for r in results if isinstance(r, V.Analysis)]
+    ok = [r for r in results if isinstance(r, Analysis)]
     if not ok:
         return
     a = ok[0]

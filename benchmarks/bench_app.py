@@ -59,12 +59,11 @@ def make_bundle(
     import torch
 
     from xraycls import __version__
-    from xraycls.calibrate import fit_calibrator, save_calibration
-    from xraycls.checkpoint import save_weights
-    from xraycls.config import load_config
-    from xraycls.data import normalization_for
+    from xraycls.evaluation.calibration import fit_calibrator, save_calibration
     from xraycls.models import create_model
-    from xraycls.train import preprocessing_for
+    from xraycls.models.weights import normalization_for, save_weights
+    from xraycls.training.config import load_config
+    from xraycls.training.crossval import preprocessing_for
 
     classes = ["NORMAL", "PNEUMONIA"]
     cfg = load_config(

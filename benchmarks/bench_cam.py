@@ -37,7 +37,7 @@ def one_config(name: str, size: int, method: str, repeats: int, device: str) -> 
 
     import torch
 
-    from xraycls.cam import CamExplainer
+    from xraycls.inference.cam import CamExplainer
     from xraycls.models import create_model
 
     dev = torch.device(device)
@@ -135,7 +135,7 @@ def main() -> None:
 
     import torch
 
-    from xraycls.cam import CAM_METHODS
+    from xraycls.inference.cam import CAM_METHODS
     from xraycls.models import list_backbones
 
     unknown = [m for m in args.methods if m not in CAM_METHODS]

@@ -30,9 +30,9 @@ from pathlib import Path
 
 import numpy as np
 
-from xraycls.dicom import read_image
-from xraycls.ingest import ingest
-from xraycls.preprocess import ImageCache, Preprocessing, preprocess_file
+from xraycls.io.ingest import ingest
+from xraycls.io.preprocess import ImageCache, Preprocessing, preprocess_file
+from xraycls.io.read import read_image
 
 SIZE = 1024
 

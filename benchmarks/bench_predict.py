@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from xraycls.predict import Predictor
+    from xraycls.inference.predictor import Predictor
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -41,12 +41,11 @@ def build_bundle(out: Path, name: str, size: int) -> Path:
     """A random-init run bundle (refit weights, two classes, no calibration)."""
     import torch
 
-    from xraycls.checkpoint import save_weights
-    from xraycls.config import load_config
-    from xraycls.data import normalization_for
-    from xraycls.fsutil import write_json_atomic, write_text_atomic
+    from xraycls.io.files import write_json_atomic, write_text_atomic
+    from xraycls.io.preprocess import Preprocessing
     from xraycls.models import create_model
-    from xraycls.preprocess import Preprocessing
+    from xraycls.models.weights import normalization_for, save_weights
+    from xraycls.training.config import load_config
 
     torch.manual_seed(0)
     cfg = load_config(
@@ -93,7 +92,7 @@ def forward_limit(
     """images/s of ``predictor.logits`` on pre-loaded, normalised batches (model only)."""
     import torch
 
-    from xraycls.preprocess import preprocess_file
+    from xraycls.io.preprocess import preprocess_file
 
     distinct = {p.resolve(): preprocess_file(p, predictor.prep).pixels for p in files[:6]}
     pixels = [distinct[p.resolve()] for p in files]
@@ -119,7 +118,7 @@ def end_to_end(
     src: Path, out_csv: Path, run: Path, *, engine: str, batch_size: int, workers: int | None
 ) -> dict[str, float]:
     """images/s of ``score`` over ``src`` (a fresh results file), whole loop and steady state."""
-    from xraycls.score import score
+    from xraycls.inference.scoring import score
 
     marks: list[tuple[float, int]] = []
     s = score(
@@ -154,7 +153,7 @@ def bench_one(
     workers: int | None,
     with_ray: bool,
 ) -> dict:
-    from xraycls.predict import Predictor
+    from xraycls.inference.predictor import Predictor
 
     predictor = Predictor.from_run(run)
     files = sorted(src.iterdir())
@@ -206,9 +205,9 @@ def main() -> None:
         import ray
 
         ray.init(include_dashboard=False, log_to_driver=False)
-    from xraycls.dicom import _installation_salt
+    from xraycls.io.dicom import installation_salt
 
-    _installation_salt()
+    installation_salt()
     result: dict = {
         "cpus": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),

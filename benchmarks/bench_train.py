@@ -5,7 +5,7 @@ Part 1 — for each real family at 1024² and at the demo size, batch 1: seconds
 checkpointing and bf16 autocast. Each configuration runs in its own process so that peak RSS
 is that configuration's own.
 
-Part 2 — the engine (`xraycls.engine.train_one_epoch`: schedule, grad scaler, accumulation
+Part 2 — the engine (`xraycls.training.engine.train_one_epoch`: schedule, grad scaler, accumulation
 bookkeeping, frozen-stage eval mode) against a bare PyTorch loop (forward, loss, backward,
 step) on the same model, batch and in-memory data, alternating A/B rounds; ratio of medians.
 
@@ -108,9 +108,15 @@ def part2(name: str, size: int, batch: int, batches: int, rounds: int) -> dict:
     """Engine epoch vs bare loop over the same pre-built batches, A/B alternating."""
     import torch
 
-    from xraycls.config import StageConfig
-    from xraycls.engine import Amp, StepSchedule, build_optimizer, set_trainable, train_one_epoch
     from xraycls.models import create_model
+    from xraycls.models.runtime import Amp
+    from xraycls.training.config import StageConfig
+    from xraycls.training.engine import (
+        StepSchedule,
+        build_optimizer,
+        set_trainable,
+        train_one_epoch,
+    )
 
     torch.manual_seed(0)
     model = create_model(name, num_classes=2, image_size=size)

@@ -7,7 +7,7 @@ Usage (after docs/comparison/run.sh has trained the binary runs):
         --out docs/cam
 
 Each figure explains the run's decision on each image with Grad-CAM, the heatmap mapped back
-through the letterbox onto the windowed original (``xraycls.cam``), titled with the calibrated
+through the letterbox onto the windowed original (``xraycls.inference.cam``), titled with the calibrated
 probability. The models are the tiny from-scratch comparison runs: the figures show that the
 maps land on the radiograph for every family, not what a clinically useful model looks at.
 """
@@ -33,10 +33,10 @@ def main() -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from xraycls.cam import explain_pixels, overlay
-    from xraycls.dicom import read_image
-    from xraycls.predict import Predictor
-    from xraycls.preprocess import preprocess_file
+    from xraycls.inference.cam import explain_pixels, overlay
+    from xraycls.inference.predictor import Predictor
+    from xraycls.io.preprocess import preprocess_file
+    from xraycls.io.read import read_image
 
     args.out.mkdir(parents=True, exist_ok=True)
     for run in args.runs:

@@ -29,7 +29,7 @@ def shared_data() -> Path:
 def _fixed_salt(monkeypatch: pytest.MonkeyPatch) -> None:
     # Tests must not create a salt file in the user's home.
     monkeypatch.setenv("XRAYCLS_SALT", "test-salt")
-    import xraycls.dicom as d
+    import xraycls.io.dicom as d
 
     monkeypatch.setattr(d, "_SALT", None)
 
@@ -83,8 +83,8 @@ def write_square_dataset(root: Path, n: int = 24, size: int = 64, seed: int = 0)
 def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A complete run bundle (2 folds + refit, calibration, threshold) of a tiny ResNet on
     synthetic PNGs, trained in seconds: for scoring, CAM and viewer tests that run everywhere."""
-    from xraycls.config import load_config
-    from xraycls.train import run_training
+    from xraycls.training.config import load_config
+    from xraycls.training.crossval import run_training
 
     labels = write_square_dataset(tmp_path_factory.mktemp("squares"))
     cfg = load_config(

@@ -21,8 +21,34 @@ from conftest import pkg_file
 from streamlit.testing.v1 import AppTest
 
 from xraycls import viewer as V
+from xraycls.bundle.format import INTENSITY_FILE, find_bundles
+from xraycls.bundle.summary import (
+    ThresholdInfo,
+    default_members,
+    intensity_reference_for_run,
+    summarize_run,
+)
 from xraycls.errors import ImageTooLargeError, NotDicomError
-from xraycls.predict import Predictor
+from xraycls.inference.analysis import (
+    UploadTooLargeError,
+    analyse,
+    analyse_many,
+    decision_text,
+    decode_upload,
+    explain,
+    uncertainty,
+    uncertainty_text,
+)
+from xraycls.inference.predictor import Predictor
+from xraycls.inference.report import batch_row, build_report, rows_to_csv
+from xraycls.io.display import default_window, display_image, to_png, window_limits
+from xraycls.io.ood import (
+    IntensityReference,
+    build_intensity_reference,
+    header_check,
+    intensity_check,
+)
+from xraycls.io.privacy import identifying_fields, safe_header
 
 APP = Path(__file__).resolve().parents[1] / "app" / "streamlit_app.py"
 PATIENT = ("CompressedSamples^RG1", "9RG1", "19400305")  # RG1_UNCI.dcm's identifiers
@@ -68,16 +94,16 @@ def rg1() -> bytes:
 
 
 def test_run_summary_reads_bundle(runs: Path) -> None:
-    assert V.find_runs(runs) == [runs / "a", runs / "b"]
-    assert V.find_runs(runs / "a") == [runs / "a"] and V.find_runs(runs / "nope") == []
-    s = V.summarize_run(runs / "a")
+    assert find_bundles(runs) == [runs / "a", runs / "b"]
+    assert find_bundles(runs / "a") == [runs / "a"] and find_bundles(runs / "nope") == []
+    s = summarize_run(runs / "a")
     assert s.backbone == "resnet50_test" and s.classes == ("plain", "square")
-    assert s.fold_members == 2 and s.has_refit and V.default_members(s) == "folds"
+    assert s.fold_members == 2 and s.has_refit and default_members(s) == "folds"
     assert s.auroc is not None and s.auroc_ci is not None
     assert s.auroc_ci[0] <= s.auroc <= s.auroc_ci[1]
     assert s.threshold is not None and s.threshold.describe() == "95%-sensitivity threshold"
     assert "temperature" in s.calibration_text() and "95%-sensitivity" in s.calibration_text()
-    b = V.summarize_run(runs / "b")
+    b = summarize_run(runs / "b")
     assert b.calibration is None and b.threshold is None and not b.has_refit
     assert b.calibration_text().startswith("none")
 
@@ -86,7 +112,7 @@ def test_auroc_interval_without_model_card_is_bootstrapped(runs: Path, tmp_path:
     run = tmp_path / "c"
     shutil.copytree(runs / "a", run)
     (run / "MODEL_CARD.md").unlink()
-    s = V.summarize_run(run)
+    s = summarize_run(run)
     assert s.auroc_ci is not None and s.auroc_ci[0] <= s.auroc <= s.auroc_ci[1]
 
 
@@ -94,12 +120,12 @@ def test_auroc_interval_without_model_card_is_bootstrapped(runs: Path, tmp_path:
 
 
 def test_upload_guards_name_the_file(rg1: bytes) -> None:
-    with pytest.raises(V.UploadTooLargeError, match=r"big\.dcm: file is 2\.0 MB, over the 1 MB"):
-        V.decode_upload("big.dcm", b"\0" * (2 * 1024**2), max_mb=1)
+    with pytest.raises(UploadTooLargeError, match=r"big\.dcm: file is 2\.0 MB, over the 1 MB"):
+        decode_upload("big.dcm", b"\0" * (2 * 1024**2), max_mb=1)
     with pytest.raises(ImageTooLargeError, match="RG1: header declares 1955x1841 pixels"):
-        V.decode_upload("RG1", rg1, max_pixels=1_000_000)
+        decode_upload("RG1", rg1, max_pixels=1_000_000)
     with pytest.raises(NotDicomError, match=r"page\.dcm: not a DICOM file.*HTML page"):
-        V.decode_upload("page.dcm", b"<!DOCTYPE html><html></html>")
+        decode_upload("page.dcm", b"<!DOCTYPE html><html></html>")
 
 
 def test_decompression_bomb_refused_before_decoding() -> None:
@@ -110,11 +136,11 @@ def test_decompression_bomb_refused_before_decoding() -> None:
     buf = io.BytesIO()
     ds.save_as(buf)
     with pytest.raises(ImageTooLargeError, match="over the 50,000,000-pixel guard"):
-        V.decode_upload("bomb.dcm", buf.getvalue())
+        decode_upload("bomb.dcm", buf.getvalue())
 
 
 def test_analyse_many_keeps_going_after_a_bad_file(predictor: Predictor, rg1: bytes) -> None:
-    out = V.analyse_many(
+    out = analyse_many(
         predictor,
         [("sq.png", _square_png()), ("bad.dcm", b"<html></html>"), ("RG1", rg1)],
     )
@@ -123,31 +149,31 @@ def test_analyse_many_keeps_going_after_a_bad_file(predictor: Predictor, rg1: by
     a = out[2]
     assert a.model_input.shape == (64, 64) and a.letterbox.original_shape == (1955, 1841)
     assert a.prediction.member_probs.shape == (2, 2)
-    rows = [V.batch_row(r, predictor.classes) for r in out]
+    rows = [batch_row(r, predictor.classes) for r in out]
     assert [r["status"] for r in rows] == ["ok", "error", "ok"]
-    text = V.rows_to_csv(rows)
+    text = rows_to_csv(rows)
     assert text.splitlines()[0].startswith("file,status,decision,P(plain),P(square)")
     assert "bad.dcm: not a DICOM file" in text
 
 
 def test_display_window_defaults_from_header_and_monochrome1(rg1: bytes) -> None:
-    raw = V.decode_upload("RG1", rg1)
-    assert V.default_window(raw) == (15000.0, 30000.0)  # the header's
-    lo, hi = V.window_limits(raw)
+    raw = decode_upload("RG1", rg1)
+    assert default_window(raw) == (15000.0, 30000.0)  # the header's
+    lo, hi = window_limits(raw)
     assert lo <= 0 and hi >= 30000
-    header = V.display_image(raw)
-    same = V.display_image(raw, (15000.0, 30000.0))
+    header = display_image(raw)
+    same = display_image(raw, (15000.0, 30000.0))
     assert "MONOCHROME1 inverted" in header.meta.window_applied
     assert np.allclose(header.pixels, same.pixels, atol=1e-3)
-    narrow = V.display_image(raw, (15000.0, 3000.0))
+    narrow = display_image(raw, (15000.0, 3000.0))
     assert narrow.meta.window_applied.startswith("window 15000/3000")
     assert narrow.pixels.shape == (1955, 1841) and narrow.pixels.std() > header.pixels.std()
 
 
 def test_png_window_defaults_to_nominal_range() -> None:
-    raw = V.decode_upload("sq.png", _square_png())
-    assert V.default_window(raw) == (127.5, 255.0)
-    png = V.to_png(V.display_image(raw).pixels)
+    raw = decode_upload("sq.png", _square_png())
+    assert default_window(raw) == (127.5, 255.0)
+    png = to_png(display_image(raw).pixels)
     assert png.startswith(b"\x89PNG")
 
 
@@ -155,25 +181,25 @@ def test_png_window_defaults_to_nominal_range() -> None:
 
 
 def test_decision_and_uncertainty_texts() -> None:
-    from xraycls.predict import Prediction
+    from xraycls.inference.predictor import Prediction
 
-    t = V.ThresholdInfo("PNEUMONIA", "sensitivity", 0.95, 0.3)
+    t = ThresholdInfo("PNEUMONIA", "sensitivity", 0.95, 0.3)
     classes = ["NORMAL", "PNEUMONIA"]
     members = np.array([[0.5, 0.5], [0.8, 0.2]])
     p = Prediction(np.array([0.6, 0.4]), np.array([0.6, 0.4]), members, "PNEUMONIA", 0.3)
-    assert V.decision_text(p, classes, t) == (
+    assert decision_text(p, classes, t) == (
         "PNEUMONIA — P(PNEUMONIA) 0.400 is at or above the 95%-sensitivity threshold (0.300)"
     )
-    assert "1 of 2 are at or above the threshold: the members disagree" in V.uncertainty_text(
+    assert "1 of 2 are at or above the threshold: the members disagree" in uncertainty_text(
         p, classes
     )
     single = Prediction(p.probs, p.raw_probs, members[:1], "PNEUMONIA", 0.3)
-    assert V.uncertainty_text(single, classes).startswith("Single model: no ensemble spread")
-    u = V.uncertainty(p, classes)
+    assert uncertainty_text(single, classes).startswith("Single model: no ensemble spread")
+    u = uncertainty(p, classes)
     assert (u[1].member_min, u[1].member_max, u[1].members) == (0.2, 0.5, 2)
     none = Prediction(p.probs, p.raw_probs, members, "NORMAL", None)
-    assert "no operating threshold stored" in V.decision_text(none, classes, None)
-    assert V.ThresholdInfo("P", "youden", None, 0.5).describe() == "Youden threshold"
+    assert "no operating threshold stored" in decision_text(none, classes, None)
+    assert ThresholdInfo("P", "youden", None, 0.5).describe() == "Youden threshold"
 
 
 # --------------------------------------------------------------------------- viewer: OOD
@@ -185,18 +211,18 @@ def test_intensity_check_is_a_calibrated_conformal_test() -> None:
     def image(mean: float) -> np.ndarray:
         return rng.normal(mean + rng.normal(0, 0.03), 0.12, (48, 48)).clip(0, 1)
 
-    ref = V.build_intensity_reference([image(0.45) for _ in range(300)], source="test")
-    same = [V.intensity_check(image(0.45), ref) for _ in range(300)]
+    ref = build_intensity_reference([image(0.45) for _ in range(300)], source="test")
+    same = [intensity_check(image(0.45), ref) for _ in range(300)]
     # Exchangeable with the reference: P(p <= 0.01) <= 0.01 (+ sampling noise).
     assert np.mean([c.flagged for c in same]) <= 0.03
     assert np.mean([c.p_value for c in same]) == pytest.approx(0.5, abs=0.08)
-    far = V.intensity_check(image(0.8), ref)
+    far = intensity_check(image(0.8), ref)
     assert far.flagged and far.p_value == pytest.approx(1 / 301)
     assert "far from the training images'" in far.message()
-    back = V.IntensityReference.from_dict(json.loads(json.dumps(ref.to_dict())))
-    assert back.n == 300 and V.intensity_check(image(0.8), back).flagged
+    back = IntensityReference.from_dict(json.loads(json.dumps(ref.to_dict())))
+    assert back.n == 300 and intensity_check(image(0.8), back).flagged
     with pytest.raises(ValueError, match="at least 2"):
-        V.build_intensity_reference([image(0.4)])
+        build_intensity_reference([image(0.4)])
 
 
 def test_intensity_reference_from_the_bundle(
@@ -204,31 +230,31 @@ def test_intensity_reference_from_the_bundle(
 ) -> None:
     bare = tmp_path / "bare"  # an older bundle, without a stored reference
     shutil.copytree(runs / "a", bare)
-    (bare / V.INTENSITY_REFERENCE_FILE).unlink(missing_ok=True)
-    ref, source = V.intensity_reference_for_run(bare, predictor.prep)
+    (bare / INTENSITY_FILE).unlink(missing_ok=True)
+    ref, source = intensity_reference_for_run(bare, predictor.prep)
     assert ref is not None and ref.n == 24 and "computed from 24 of 24 training images" in source
     stored = tmp_path / "s"
     shutil.copytree(bare, stored)
-    (stored / V.INTENSITY_REFERENCE_FILE).write_text(json.dumps(ref.to_dict()))
-    again, source = V.intensity_reference_for_run(stored, predictor.prep)
+    (stored / INTENSITY_FILE).write_text(json.dumps(ref.to_dict()))
+    again, source = intensity_reference_for_run(stored, predictor.prep)
     assert again is not None and source.startswith("stored in the bundle")
     lonely = tmp_path / "lonely"
     lonely.mkdir()
-    assert V.intensity_reference_for_run(lonely, predictor.prep)[0] is None
+    assert intensity_reference_for_run(lonely, predictor.prep)[0] is None
 
 
 def test_header_check_flags_non_chest_dicom(rg1: bytes) -> None:
-    ct = V.decode_upload("ct", Path(pkg_file("CT_small.dcm")).read_bytes())
-    warns, _ = V.header_check(ct)
+    ct = decode_upload("ct", Path(pkg_file("CT_small.dcm")).read_bytes())
+    warns, _ = header_check(ct)
     assert any("Modality is CT" in w for w in warns)
-    assert V.header_check(V.decode_upload("RG1", rg1)) == ([], [])
-    warns, notes = V.header_check(V.decode_upload("sq.png", _square_png()))
+    assert header_check(decode_upload("RG1", rg1)) == ([], [])
+    warns, notes = header_check(decode_upload("sq.png", _square_png()))
     assert not warns and "no DICOM header" in notes[0]
 
 
 def test_header_check_on_shared_non_chest_radiographs(shared_data: Path) -> None:
     tibia = shared_data / "dicom" / "other_radiographs" / "RG3_UNCR.dcm"
-    warns, _ = V.header_check(V.decode_upload(tibia.name, tibia.read_bytes()))
+    warns, _ = header_check(decode_upload(tibia.name, tibia.read_bytes()))
     assert any("BodyPartExamined" in w for w in warns)
 
 
@@ -240,16 +266,16 @@ def test_identifiers_only_on_request_and_never_in_the_report(
     runs: Path,
     rg1: bytes,
 ) -> None:
-    a = V.analyse(predictor, "RG1", rg1)
-    shown = json.dumps(V.safe_header(a.raw))
+    a = analyse(predictor, "RG1", rg1)
+    shown = json.dumps(safe_header(a.raw))
     assert not any(x in shown for x in PATIENT) and "Patient (pseudonym)" in shown
-    assert V.identifying_fields(rg1) == {
+    assert identifying_fields(rg1) == {
         "Patient name": PATIENT[0],
         "Patient ID": PATIENT[1],
         "Birth date": PATIENT[2],
     }
-    assert V.identifying_fields(_square_png()) == {}
-    report = V.build_report(a, V.summarize_run(runs / "a"), members="folds")
+    assert identifying_fields(_square_png()) == {}
+    report = build_report(a, summarize_run(runs / "a"), members="folds")
     text = json.dumps(report, allow_nan=False)
     assert not any(x in text for x in PATIENT)
     assert report["prediction"]["decision"] in ("plain", "square")
@@ -260,10 +286,10 @@ def test_identifiers_only_on_request_and_never_in_the_report(
 
 
 def test_explanation_overlay_on_the_original_grid(predictor: Predictor, rg1: bytes) -> None:
-    a = V.analyse(predictor, "RG1", rg1)
-    cam = V.explain(predictor, a, method="gradcam")
+    a = analyse(predictor, "RG1", rg1)
+    cam = explain(predictor, a, method="gradcam")
     assert cam.target == a.prediction.predicted and cam.heatmap.shape == (64, 64)
-    shown = V.display_image(a.raw).pixels
+    shown = display_image(a.raw).pixels
     heat = cam.to_original(a.letterbox)
     rgb = V.overlay_image(shown, heat, alpha=0.5)
     assert rgb.shape == (1955, 1841, 3) and rgb.dtype == np.uint8
@@ -271,7 +297,7 @@ def test_explanation_overlay_on_the_original_grid(predictor: Predictor, rg1: byt
     assert (box[0].start, box[0].stop, box[1].start, box[1].stop) == (0, 489, 1381, 1841)
     assert np.array_equal(V.overlay_image(shown[box], heat[box], alpha=0.5), rgb[box])
     assert V.zoom_box(shown.shape, 1) == (slice(0, 1955), slice(0, 1841))
-    assert V.explain(predictor, a, method="eigencam", target="plain").method == "eigencam"
+    assert explain(predictor, a, method="eigencam", target="plain").method == "eigencam"
 
 
 def test_cam_sizes() -> None:
@@ -479,9 +505,9 @@ def test_cli_app_command_builds_the_streamlit_line(
 
 
 def test_train_stores_the_intensity_reference_the_viewer_reads(tiny_run: Path) -> None:
-    stored = json.loads((tiny_run / V.INTENSITY_REFERENCE_FILE).read_text())
+    stored = json.loads((tiny_run / INTENSITY_FILE).read_text())
     predictor = Predictor.from_run(tiny_run)
-    ref, where = V.intensity_reference_for_run(tiny_run, predictor.prep)
+    ref, where = intensity_reference_for_run(tiny_run, predictor.prep)
     assert ref is not None and where.startswith("stored in the bundle")
     assert ref.n == len(stored["distances"]) == 24  # every image of the synthetic set
 
@@ -491,7 +517,7 @@ def test_png_export_is_lossless_and_keeps_colour_order() -> None:
 
     rng = np.random.default_rng(0)
     rgb = rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)
-    back = np.asarray(Image.open(io.BytesIO(V.to_png(rgb))))
+    back = np.asarray(Image.open(io.BytesIO(to_png(rgb))))
     np.testing.assert_array_equal(back, rgb)
     gray = rng.random((20, 30)).astype(np.float32)
-    assert np.asarray(Image.open(io.BytesIO(V.to_png(gray)))).shape == (20, 30)
+    assert np.asarray(Image.open(io.BytesIO(to_png(gray)))).shape == (20, 30)

@@ -12,8 +12,8 @@ from scipy.optimize import OptimizeResult
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.isotonic import IsotonicRegression
 
-import xraycls.calibrate as calibrate
-from xraycls.calibrate import (
+import xraycls.evaluation.calibration as calibrate
+from xraycls.evaluation.calibration import (
     IsotonicCalibration,
     PlattScaling,
     TemperatureScaling,
@@ -22,7 +22,7 @@ from xraycls.calibrate import (
     load_calibration,
     save_calibration,
 )
-from xraycls.metrics import ece, nll
+from xraycls.evaluation.metrics import ece, nll
 
 
 def _calibrated_multiclass(n: int, c: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -1,4 +1,4 @@
-"""Grad-CAM (``xraycls.cam``) on the tiny backbones: shapes and ranges for every family and
+"""Grad-CAM (``xraycls.inference.cam``) on the tiny backbones: shapes and ranges for every family and
 method, agreement with pytorch-grad-cam, localisation on toy models trained to find a square,
 memory, gradients and hooks left behind, letterbox mapping, overlays and the bundle path.
 """
@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from xraycls.cam import (
+from xraycls.inference.cam import (
     CAM_METHODS,
     CamExplainer,
     CamResult,
@@ -24,9 +24,9 @@ from xraycls.cam import (
     explain_pixels,
     overlay,
 )
+from xraycls.inference.predictor import Predictor
+from xraycls.io.preprocess import Preprocessing, resize_to_square
 from xraycls.models import XrayClassifier, create_model
-from xraycls.predict import Predictor
-from xraycls.preprocess import Preprocessing, resize_to_square
 
 TINY = ["resnet50_test", "swin_test", "maxvit_test", "vit_test"]
 GRADIENT_METHODS = ["gradcam", "gradcam++", "hirescam"]

@@ -12,10 +12,13 @@ from scipy.special import softmax
 from sklearn.metrics import roc_auc_score
 from typer.testing import CliRunner
 
-from xraycls.bundle import BundleError, calibrate_run
+from xraycls.bundle import BundleError
+from xraycls.bundle.calibration import calibrate_run
+from xraycls.bundle.format import write_bundle_meta
 from xraycls.cli import app
-from xraycls.compare import FLOOR, compare_runs
-from xraycls.metrics import delong_test, ece
+from xraycls.evaluation.metrics import delong_test, ece
+from xraycls.io.preprocess import Preprocessing
+from xraycls.reports.compare import FLOOR, compare_runs
 
 
 def make_cases(n: int = 240, n_classes: int = 2, seed: int = 0) -> dict[str, np.ndarray]:
@@ -56,8 +59,17 @@ def write_run(
     """A run bundle with just what ``compare`` reads; calibration fitted as ``train`` does."""
     run = root / name
     run.mkdir(parents=True)
-    (run / "labels.json").write_text(json.dumps({"classes": classes, "label_column": "label"}))
-    (run / "bundle.json").write_text(json.dumps({"model": model, "image_size": 64}))
+    write_bundle_meta(
+        run,
+        model=model,
+        image_size=64,
+        classes=classes,
+        label_column="label",
+        normalization=((0.5,) * 3, (0.5,) * 3),
+        prep=Preprocessing(image_size=64),
+        folds=int(cases["folds"].max()) + 1,
+        refit=False,
+    )
     (run / "metrics.json").write_text(
         json.dumps(
             {"train_seconds_per_image": 0.01, "inference_seconds_per_image": 0.002, "device": "cpu"}

@@ -14,7 +14,6 @@ from conftest import pkg_file
 from PIL import Image
 from pydicom.pixels import apply_modality_lut, apply_voi_lut, apply_windowing
 
-from xraycls.dicom import apply_window, hash_patient_id, load_image, read_image, render
 from xraycls.errors import (
     CodecUnavailableError,
     ImageReadError,
@@ -25,6 +24,9 @@ from xraycls.errors import (
     UnsupportedFormatError,
     XrayWarning,
 )
+from xraycls.io.dicom import hash_patient_id
+from xraycls.io.image import apply_window, render
+from xraycls.io.read import load_image, read_image
 
 
 def _save(ds: pydicom.Dataset, path: Path) -> Path:

@@ -6,7 +6,7 @@ import os
 import stat
 from pathlib import Path
 
-from xraycls.manifest import write_table
+from xraycls.io.manifest import write_table
 
 
 def test_atomic_outputs_are_readable_by_others(tmp_path: Path) -> None:

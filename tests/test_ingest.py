@@ -18,9 +18,9 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from xraycls.cli import app
-from xraycls.ingest import JOURNAL, ingest
-from xraycls.manifest import MANIFEST_COLUMNS, LabelsError, read_labels
-from xraycls.preprocess import Preprocessing
+from xraycls.io.ingest import JOURNAL, ingest
+from xraycls.io.manifest import MANIFEST_COLUMNS, LabelsError, read_labels
+from xraycls.io.preprocess import Preprocessing
 
 
 def _tree_digest(root: Path) -> dict[str, str]:

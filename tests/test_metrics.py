@@ -18,7 +18,7 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
-from xraycls.metrics import (
+from xraycls.evaluation.metrics import (
     BootstrapSkipWarning,
     binary_metrics_at,
     bootstrap_ci,

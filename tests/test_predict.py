@@ -10,17 +10,17 @@ import numpy as np
 import pytest
 
 from xraycls.bundle import BundleError
-from xraycls.config import load_config
 from xraycls.errors import NotDicomError
-from xraycls.predict import Predictor
-from xraycls.preprocess import preprocess_file
+from xraycls.inference.predictor import Predictor
+from xraycls.io.preprocess import preprocess_file
+from xraycls.training.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def run(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from xraycls.train import run_training
+    from xraycls.training.crossval import run_training
 
     labels = shared_data / "cxr-pneumonia-224" / "sample-1000.csv"
     cfg = load_config(

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from conftest import pkg_file
 
-from xraycls.preprocess import (
+from xraycls.io.preprocess import (
     ImageCache,
     Letterbox,
     Preprocessing,

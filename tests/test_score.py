@@ -16,9 +16,11 @@ import pytest
 from conftest import pkg_file, write_square_dataset
 from PIL import Image
 
-from xraycls.dicom import iter_image_files
-from xraycls.predict import Predictor
-from xraycls.score import ScoreError, collect_inputs, result_columns, score, settings_path
+from xraycls.inference.predictor import Predictor
+from xraycls.inference.results import settings_path
+from xraycls.inference.rows import ScoreError, result_columns
+from xraycls.inference.scoring import collect_inputs, score
+from xraycls.io.read import iter_image_files
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -203,7 +205,7 @@ def test_kill_9_of_a_real_process_then_resume_scores_every_file_exactly_once(
     child = textwrap.dedent(
         f"""
         import sys, time
-        from xraycls.predict import Predictor
+        from xraycls.inference.predictor import Predictor
         slow = Predictor.predict
         Predictor.predict = lambda self, px: (time.sleep(0.3), slow(self, px))[1]
         sys.argv = ["xraycls", "predict", {str(src)!r}, "--run", {str(tiny_run)!r},
@@ -290,7 +292,7 @@ def test_write_secondary_capture_references_the_source_study(tmp_path: Path) -> 
     import pydicom
     from pydicom.uid import SecondaryCaptureImageStorage
 
-    from xraycls.score import write_secondary_capture
+    from xraycls.io.dicom_objects import write_secondary_capture
 
     source = pkg_file("CT_small.dcm")
     src = pydicom.dcmread(source)
@@ -320,7 +322,9 @@ def test_write_secondary_capture_references_the_source_study(tmp_path: Path) -> 
 def test_cam_pngs_and_dicom_secondary_captures(
     src: Path, tmp_path: Path, predictor: Predictor
 ) -> None:
-    pytest.importorskip("xraycls.cam", reason="xraycls.cam (CAM module) is not available")
+    pytest.importorskip(
+        "xraycls.inference.cam", reason="xraycls.inference.cam (CAM module) is not available"
+    )
     import pydicom
 
     cams, dcm = tmp_path / "cams", tmp_path / "dcm"

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from conftest import pkg_file, write_square_dataset
 
-from xraycls.score import score
+from xraycls.inference.scoring import score
 
 ray = pytest.importorskip(
     "ray.data", reason="Ray Data is not installed: pip install 'xraycls[distributed]'"

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from xraycls.dicom import iter_image_files, read_image
 from xraycls.errors import ImageReadError, NotDicomError
+from xraycls.io.read import iter_image_files, read_image
 
 PER_FILE_SECONDS = 30
 

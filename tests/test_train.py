@@ -11,10 +11,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from xraycls.config import Config, StageConfig, load_config
-from xraycls.cv import grouped_subset, inner_split, patient_folds
-from xraycls.engine import Amp, build_optimizer, resolve_amp, set_trainable
 from xraycls.errors import ConfigError
+from xraycls.models.runtime import Amp, resolve_amp
+from xraycls.training.config import Config, StageConfig, load_config
+from xraycls.training.engine import build_optimizer, set_trainable
+from xraycls.training.splits import grouped_subset, inner_split, patient_folds
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -109,7 +110,7 @@ def test_frozen_parameters_get_no_gradients() -> None:
 
 
 def test_amp_resolution(monkeypatch: pytest.MonkeyPatch) -> None:
-    import xraycls.engine as engine
+    import xraycls.models.runtime as engine
 
     cpu = torch.device("cpu")
     monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda: False)  # AVX2 only
@@ -138,11 +139,11 @@ def _smoke_cfg(shared: Path, *extra: str) -> Config:
 
 
 def test_smoke_train_writes_a_valid_bundle(shared_data: Path, tmp_path: Path) -> None:
-    from xraycls.checkpoint import load_weights
-    from xraycls.data import XrayDataset, load_table, normalization_for
-    from xraycls.engine import predict
     from xraycls.models import create_model
-    from xraycls.train import preprocessing_for, run_training
+    from xraycls.models.weights import load_weights, normalization_for
+    from xraycls.training.crossval import preprocessing_for, run_training
+    from xraycls.training.data import XrayDataset, load_table
+    from xraycls.training.engine import predict
 
     cfg = _smoke_cfg(shared_data)
     out = tmp_path / "run"
@@ -201,8 +202,8 @@ def test_smoke_train_writes_a_valid_bundle(shared_data: Path, tmp_path: Path) ->
     assert np.allclose(logits, stored[order], atol=1e-4), np.abs(logits - stored[order]).max()
 
     # Calibration was fitted on the OOF logits; the CLI refits it with another method.
-    from xraycls.calibrate import load_calibration
     from xraycls.cli import app
+    from xraycls.evaluation.calibration import load_calibration
 
     cal, extra = load_calibration(out / "calibration.json")
     assert cal.method == "temperature" and extra["classes"] == ["NORMAL", "PNEUMONIA"]
@@ -228,7 +229,7 @@ def test_smoke_train_writes_a_valid_bundle(shared_data: Path, tmp_path: Path) ->
 def test_resume_after_interruption_matches_an_uninterrupted_run(
     shared_data: Path, tmp_path: Path
 ) -> None:
-    from xraycls.train import run_training
+    from xraycls.training.crossval import run_training
 
     stages = (
         "train.stages=[{epochs: 1, train: head, lr: 0.001}, {epochs: 1, train: all, lr: 0.0005}]"
@@ -247,6 +248,9 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(
     assert "fold0: already trained, reusing" in messages
     assert "fold1: resuming after epoch 1" in messages
     assert not any(m.startswith("fold1 epoch 1") for m in messages)
+    # fold 1's second epoch was logged, killed before its checkpoint, and ran again: one row.
+    log = [(r["model"], r["epoch"]) for r in csv.DictReader((tmp_path / "b" / "log.csv").open())]
+    assert len(log) == len(set(log)) == 4, log
     assert resumed.metrics["pooled_oof"]["auroc"] == pytest.approx(
         straight.metrics["pooled_oof"]["auroc"], abs=1e-6
     )
@@ -279,7 +283,7 @@ def test_cli_train_smoke(shared_data: Path, tmp_path: Path) -> None:
 
 
 def test_three_class_subtype_task(shared_data: Path, tmp_path: Path) -> None:
-    from xraycls.train import run_training
+    from xraycls.training.crossval import run_training
 
     cfg = _smoke_cfg(
         shared_data, "data.label_column=subtype", "model.name=vit_test", "data.limit=45"

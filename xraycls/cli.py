@@ -39,28 +39,60 @@ class ResizeChoice(StrEnum):
     squash = "squash"
 
 
-def _progress() -> Progress:
-    """The progress bar of the long-running commands (on stderr, removed when done)."""
+class CalibrationChoice(StrEnum):
+    temperature = "temperature"
+    platt = "platt"
+    isotonic = "isotonic"
+
+
+class TargetChoice(StrEnum):
+    sensitivity = "sensitivity"
+    specificity = "specificity"
+    youden = "youden"
+
+
+class MembersChoice(StrEnum):
+    auto = "auto"
+    refit = "refit"
+    folds = "folds"
+
+
+class EngineChoice(StrEnum):
+    local = "local"
+    ray = "ray"
+
+
+class CamChoice(StrEnum):
+    gradcam = "gradcam"
+    gradcampp = "gradcam++"
+    hirescam = "hirescam"
+    eigencam = "eigencam"
+    scorecam = "scorecam"
+
+
+def _progress(*, loss: bool = False) -> Progress:
+    """The progress bar of the long-running commands (on stderr, removed when done); ``loss``
+    adds the running training loss that ``xraycls train`` reports per batch."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
-    return Progress(
-        "[progress.description]{task.description}",
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        console=console,
-        transient=True,
-    )
+    columns = ["[progress.description]{task.description}", BarColumn(), MofNCompleteColumn()]
+    if loss:
+        columns.append("loss {task.fields[loss]:.4f}")
+    return Progress(*columns, TimeRemainingColumn(), console=console, transient=True)
 
 
-@app.callback()
+@app.callback(invoke_without_command=True)
 def _root(
+    ctx: typer.Context,
     version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,
 ) -> None:
     if version:
         from xraycls import __version__
 
         typer.echo(__version__)
+        raise typer.Exit()
+    if ctx.invoked_subcommand is None:
+        typer.echo(ctx.get_help())
         raise typer.Exit()
 
 
@@ -91,9 +123,9 @@ def ingest(
     Resumable: re-running skips files already done. Exit code 0 when the run finished, even if
     some files were errors (see the manifest's status and error columns).
     """
-    from xraycls.ingest import ingest as run_ingest
-    from xraycls.manifest import LabelsError
-    from xraycls.preprocess import Preprocessing
+    from xraycls.io.ingest import ingest as run_ingest
+    from xraycls.io.manifest import LabelsError
+    from xraycls.io.preprocess import Preprocessing
 
     try:
         prep = Preprocessing(image_size=size, resize=resize.value, window=window.value)
@@ -134,8 +166,8 @@ def train(
     Prints per-fold and pooled out-of-fold AUROC. The bundle holds config.yaml, per-fold
     safetensors weights, labels.json, metrics.json, oof_predictions.csv and training curves.
     """
-    from xraycls.config import load_config
     from xraycls.errors import ConfigError
+    from xraycls.training.config import load_config
 
     try:
         cfg = load_config(config, set_ or [])
@@ -144,12 +176,16 @@ def train(
         raise typer.Exit(2) from e
     run_dir = out or Path("runs") / config.stem
     from xraycls.models import PretrainedWeightsError
-    from xraycls.train import run_training
+    from xraycls.training.crossval import run_training
 
     try:
-        result = run_training(
-            cfg, run_dir, log=lambda m: console.print(m, markup=False, highlight=False)
-        )
+        with _progress(loss=True) as bar:
+            result = run_training(
+                cfg,
+                run_dir,
+                log=lambda m: console.print(m, markup=False, highlight=False),
+                progress=bar,
+            )
     except (ConfigError, PretrainedWeightsError) as e:
         console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from e
@@ -160,12 +196,6 @@ def train(
     )
 
 
-class CalibrationChoice(StrEnum):
-    temperature = "temperature"
-    platt = "platt"
-    isotonic = "isotonic"
-
-
 @app.command()
 def calibrate(
     run_dir: Annotated[Path, typer.Argument(help="A finished `xraycls train` run folder.")],
@@ -173,22 +203,23 @@ def calibrate(
         CalibrationChoice, typer.Option(help="platt/isotonic: binary only.")
     ] = CalibrationChoice.temperature,
     target: Annotated[
-        str, typer.Option(help="Operating point: sensitivity, specificity or youden.")
-    ] = "sensitivity",
+        TargetChoice, typer.Option(help="How the binary operating point is chosen.")
+    ] = TargetChoice.sensitivity,
     value: Annotated[
         float | None, typer.Option(help="Target rate for sensitivity/specificity.")
     ] = 0.95,
 ) -> None:
     """Refit the run's calibration (and binary operating threshold) on its out-of-fold logits."""
-    from xraycls.bundle import BundleError, calibrate_run
-    from xraycls.modelcard import write_model_card
+    from xraycls.bundle import BundleError
+    from xraycls.bundle.calibration import calibrate_run
+    from xraycls.bundle.card import write_model_card
 
     try:
         cal = calibrate_run(
             run_dir,
             method=method.value,  # type: ignore[arg-type]
-            threshold_target=target,  # type: ignore[arg-type]
-            threshold_value=None if target == "youden" else value,
+            threshold_target=target.value,  # type: ignore[arg-type]
+            threshold_value=None if target is TargetChoice.youden else value,
         )
         write_model_card(run_dir)
     except (BundleError, ValueError) as e:
@@ -209,12 +240,20 @@ def evaluate(
     out: Annotated[
         Path | None, typer.Option(help="Output folder (default RUN_DIR/eval-<data name>).")
     ] = None,
+    label_column: Annotated[
+        str | None, typer.Option(help="Column of --data with the labels (default: the run's).")
+    ] = None,
+    members: Annotated[
+        MembersChoice, typer.Option(help="Refit weights, fold ensemble, or the bundle's default.")
+    ] = MembersChoice.auto,
+    batch_size: Annotated[int, typer.Option(help="Images per model batch.")] = 16,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, ...")] = "auto",
     n_boot: Annotated[int, typer.Option(help="Bootstrap resamples for the 95% CIs.")] = 1000,
 ) -> None:
     """Score a labelled set with the bundle's calibration and threshold; metrics with CIs + plots."""
     from xraycls.bundle import BundleError
-    from xraycls.evaluate import evaluate_run
-    from xraycls.manifest import LabelsError
+    from xraycls.io.manifest import LabelsError
+    from xraycls.reports.evaluate import evaluate_run
 
     target = out or run_dir / f"eval-{data.stem}"
     try:
@@ -222,13 +261,49 @@ def evaluate(
             run_dir,
             data,
             target,
+            label_column=label_column,
+            members=members.value,  # type: ignore[arg-type]
+            batch_size=batch_size,
+            device=device,
             n_boot=n_boot,
             log=lambda m: console.print(m, markup=False, highlight=False),
         )
-    except (BundleError, LabelsError, ValueError) as e:
+    except (BundleError, LabelsError, ValueError, OSError) as e:
         console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from e
     typer.echo(f"evaluate: -> {target / 'metrics.json'}")
+
+
+@app.command()
+def models(
+    all_: Annotated[
+        bool, typer.Option("--all", help="Also list the tiny *_test variants used by tests.")
+    ] = False,
+) -> None:
+    """List the registered backbones: family, parameters, input size, pretrained weights."""
+    import torch
+
+    from xraycls.models import create_model, get_spec, list_backbones
+    from xraycls.training.config import ModelConfig
+
+    size = ModelConfig().image_size
+    typer.echo(
+        f"{'backbone':<18} {'family':<7} {'parameters':>11}  {'input':>9}  pretrained weights"
+    )
+    for name in list_backbones():
+        spec = get_spec(name)
+        if spec.is_test and not all_:
+            continue
+        with torch.device("meta"):  # shapes only: nothing is allocated or downloaded
+            n = sum(
+                p.numel() for p in create_model(name, num_classes=2, image_size=224).parameters()
+            )
+        weights = spec.pretrained_hint or "none (tiny test variant)"
+        typer.echo(f"{name:<18} {spec.family:<7} {n / 1e6:>10.2f}M  {size:>5}x{size:<3}  {weights}")
+    typer.echo(
+        f"input: the default model.image_size ({size}); any multiple of 32 works (ViT and Swin "
+        "weights are interpolated to it). Parameters with a 2-class head."
+    )
 
 
 @app.command()
@@ -245,7 +320,7 @@ def compare(
 ) -> None:
     """Compare runs side by side: AUROC with CIs, DeLong vs baseline and floor, ECE, timings."""
     from xraycls.bundle import BundleError
-    from xraycls.compare import compare_runs
+    from xraycls.reports.compare import compare_runs
 
     try:
         compare_runs(
@@ -321,17 +396,6 @@ def viewer(
     os.execv(sys.executable, cmd)  # streamlit takes over this process: signals reach it
 
 
-class MembersChoice(StrEnum):
-    auto = "auto"
-    refit = "refit"
-    folds = "folds"
-
-
-class EngineChoice(StrEnum):
-    local = "local"
-    ray = "ray"
-
-
 @app.command()
 def predict(
     source: Annotated[
@@ -345,7 +409,9 @@ def predict(
     cam_dir: Annotated[
         Path | None, typer.Option(help="Write a CAM overlay PNG per readable file here.")
     ] = None,
-    cam_method: Annotated[str, typer.Option(help="gradcam, gradcam++, hirescam, ...")] = "gradcam",
+    cam_method: Annotated[
+        CamChoice, typer.Option(help="Grad-CAM family method for --cam-dir/--dicom-out.")
+    ] = CamChoice.gradcam,
     dicom_out: Annotated[
         Path | None, typer.Option(help="Write a DICOM Secondary Capture per DICOM input here.")
     ] = None,
@@ -369,8 +435,8 @@ def predict(
     cannot start (bad --run, missing INPUT, --out from other settings).
     """
     from xraycls.bundle import BundleError
-    from xraycls.manifest import LabelsError
-    from xraycls.score import ScoreError, score
+    from xraycls.inference.scoring import ScoreError, score
+    from xraycls.io.manifest import LabelsError
 
     with _progress() as bar:
         task = bar.add_task("predict", total=None)
@@ -384,7 +450,7 @@ def predict(
                 workers=workers,
                 batch_size=batch_size,
                 cam_dir=cam_dir,
-                cam_method=cam_method,
+                cam_method=cam_method.value,
                 dicom_out=dicom_out,
                 parquet=parquet,
                 engine=engine.value,  # type: ignore[arg-type]

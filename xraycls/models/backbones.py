@@ -3,6 +3,11 @@
 Each family is one ``XrayClassifier`` subclass; the registered names below only choose its
 dimensions. The ``*_test`` variants run the same classes with toy dimensions so CPU tests
 exercise the real code paths.
+
+Why one module of ~640 lines: the four families share the checkpoint-adaptation, window-size and
+registration helpers at the top, and a reader comparing how each family is built (stages, CAM
+layer, checkpointing) wants them side by side; split per family, every file would import the
+others' helpers.
 """
 
 from __future__ import annotations

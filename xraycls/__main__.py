@@ -1,0 +1,5 @@
+"""``python -m xraycls``: the command line (also what ``torchrun -m xraycls`` starts)."""
+
+from xraycls.cli import main
+
+main()

@@ -1,0 +1,188 @@
+"""A loaded run bundle that turns images into calibrated predictions.
+
+The same :class:`Predictor` serves ``xraycls evaluate``, batch scoring and the viewer. Everything
+that decides a prediction comes from the bundle, never from code defaults: backbone and input
+size, preprocessing and normalisation (``bundle.json``), classes (``labels.json``), weights
+(safetensors), calibration and operating threshold (``calibration.json``), all read through
+:class:`xraycls.bundle.Bundle`.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from xraycls.bundle.format import CALIBRATION_FILE, Bundle, BundleError, Members
+from xraycls.errors import ImageReadError
+from xraycls.evaluation.calibration import Calibrator, load_calibration
+from xraycls.evaluation.metrics import softmax
+from xraycls.io.preprocess import ImageCache, Preprocessing, preprocess_file
+from xraycls.models.runtime import resolve_device
+from xraycls.models.weights import Normalization, load_weights, to_model_input
+
+
+@dataclass
+class Prediction:
+    """One image's result."""
+
+    probs: np.ndarray
+    """Calibrated class probabilities (raw softmax when the bundle has no calibration)."""
+    raw_probs: np.ndarray
+    """Uncalibrated softmax of the ensemble-mean logits."""
+    member_probs: np.ndarray
+    """Calibrated probabilities of each ensemble member (members x classes): their spread is
+    the honest uncertainty to show."""
+    predicted: str
+    """The decision: the positive class at or above the stored threshold (binary), else argmax."""
+    threshold: float | None
+
+
+class Predictor:
+    """Weights, preprocessing, labels, calibration and threshold of one run bundle."""
+
+    def __init__(
+        self,
+        models: list[torch.nn.Module],
+        *,
+        classes: list[str],
+        prep: Preprocessing,
+        normalization: Normalization,
+        calibrator: Calibrator | None,
+        threshold: float | None,
+        device: torch.device,
+        run_dir: Path | None = None,
+    ) -> None:
+        self.models = models
+        self.classes = classes
+        self.prep = prep
+        self.calibrator = calibrator
+        self.threshold = threshold
+        self.device = device
+        self.run_dir = run_dir
+        self.normalization = normalization
+
+    @classmethod
+    def from_run(
+        cls,
+        run_dir: str | Path | Bundle,
+        *,
+        members: Members = "auto",
+        device: str = "auto",
+    ) -> Predictor:
+        """Load a bundle written by ``xraycls train``.
+
+        Args:
+            run_dir: The run folder (or an already read :class:`Bundle`).
+            members: ``refit`` (``weights.safetensors``), ``folds`` (the fold ensemble,
+                logits averaged) or ``auto`` (refit when present, else folds).
+            device: ``auto``, ``cpu``, ``cuda``, ...
+
+        Raises:
+            BundleError: A file is missing or inconsistent; the message names it.
+            ConfigError: The device is not available.
+        """
+        from xraycls.models import create_model
+
+        bundle = run_dir if isinstance(run_dir, Bundle) else Bundle.read(run_dir)
+        files = bundle.weights(members)
+        dev = resolve_device(device)
+        models = []
+        for f in files:
+            model = create_model(
+                bundle.model, num_classes=len(bundle.classes), image_size=bundle.image_size
+            )
+            try:
+                model.load_state_dict(load_weights(f))
+            except (RuntimeError, OSError) as e:  # shape mismatch, corrupt safetensors
+                raise BundleError(f"{f}: does not hold {bundle.model} weights ({e})") from e
+            models.append(model.to(dev).eval())
+        calibrator, threshold = None, None
+        cal_path = bundle.file(CALIBRATION_FILE)
+        if cal_path.exists():
+            calibrator, extra = load_calibration(cal_path)
+            threshold = (extra.get("threshold") or {}).get("threshold")
+        return cls(
+            models,
+            classes=list(bundle.classes),
+            prep=bundle.preprocessing,
+            normalization=bundle.normalization,
+            calibrator=calibrator,
+            threshold=threshold,
+            device=dev,
+            run_dir=bundle.path,
+        )
+
+    def to_tensor(self, pixels: list[np.ndarray]) -> torch.Tensor:
+        """Preprocessed HxW [0, 1] images -> a normalised N x 3 x H x W batch."""
+        return to_model_input(np.stack(pixels), self.normalization)
+
+    @torch.no_grad()
+    def logits(self, batch: torch.Tensor) -> np.ndarray:
+        """Members x N x C logits for a normalised batch."""
+        batch = batch.to(self.device)
+        return np.stack([m(batch).float().cpu().numpy() for m in self.models])
+
+    def predict(self, pixels: list[np.ndarray]) -> list[Prediction]:
+        """Predict preprocessed images (HxW float32 in [0, 1] at the bundle's size)."""
+        if not pixels:
+            return []
+        member_logits = self.logits(self.to_tensor(pixels))
+        mean_logits = member_logits.mean(0)
+        raw = softmax(mean_logits)
+        probs = self._calibrate(mean_logits)
+        members = np.stack([self._calibrate(z) for z in member_logits], axis=1)
+        return [
+            Prediction(probs[i], raw[i], members[i], self._decide(probs[i]), self.threshold)
+            for i in range(len(pixels))
+        ]
+
+    def predict_files(
+        self, paths: list[str | Path], *, cache: ImageCache | None = None
+    ) -> list[Prediction | ImageReadError]:
+        """Read, preprocess and predict files; a bad file yields its error, not an exception."""
+        results: list[Prediction | ImageReadError] = []
+        ok: list[int] = []
+        pixels: list[np.ndarray] = []
+        for i, path in enumerate(paths):
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    pixels.append(preprocess_file(path, self.prep, cache=cache).pixels)
+                ok.append(i)
+                results.append(None)  # type: ignore[arg-type]
+            except ImageReadError as e:
+                results.append(e)
+        for i, pred in zip(ok, self.predict(pixels), strict=True):
+            results[i] = pred
+        return results
+
+    def _calibrate(self, logits: np.ndarray) -> np.ndarray:
+        if self.calibrator is None:
+            return softmax(logits)
+        return self.calibrator.predict_proba(logits)
+
+    def _decide(self, probs: np.ndarray) -> str:
+        if len(self.classes) == 2 and self.threshold is not None:
+            return self.classes[1] if probs[1] >= self.threshold else self.classes[0]
+        return self.classes[int(np.argmax(probs))]
+
+    def fingerprint(self) -> dict[str, str]:
+        """The bundle files' fingerprint (:meth:`Bundle.fingerprint`); empty for an in-memory
+        model."""
+        return Bundle.read(self.run_dir).fingerprint() if self.run_dir else {}
+
+    def describe(self) -> dict[str, Any]:
+        """Identity of the loaded bundle (for reports and the viewer)."""
+        return {
+            "run": str(self.run_dir) if self.run_dir else None,
+            "members": len(self.models),
+            "classes": self.classes,
+            "image_size": self.prep.image_size,
+            "calibration": None if self.calibrator is None else self.calibrator.method,
+            "threshold": self.threshold,
+        }

@@ -1,0 +1,164 @@
+"""One file to one result row: the core that every scoring engine shares.
+
+:func:`load_item` reads and preprocesses a file and never raises for a bad one; :func:`score_items`
+turns a batch of items into rows of the results schema (:func:`result_columns`), with the
+predictor's calibrated probabilities and decision. The local engine (:mod:`xraycls.inference.scoring`)
+and the Ray engine (:mod:`xraycls.inference.ray_engine`) differ only in how items reach it.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from xraycls.errors import ImageReadError
+from xraycls.io.preprocess import Preprocessing, preprocess_file
+
+if TYPE_CHECKING:
+    from xraycls.inference.predictor import Prediction, Predictor
+
+HEAD_COLUMNS = ["path", "status", "error", "sop_instance_uid"]
+TAIL_COLUMNS = [
+    "predicted",
+    "threshold",
+    "seconds",
+    "error_code",
+    "size_bytes",
+    "mtime_ns",
+    "cam_path",
+    "dicom_path",
+]
+"""After the ``prob_<class>`` columns. ``seconds`` is the file's decode time plus its share of
+its batch's model (and CAM) time. ``error`` on an ``ok`` row means the prediction is valid but a
+CAM or DICOM output could not be written (``cam_failed: ...``)."""
+
+
+class ScoreError(Exception):
+    """The run cannot start (bad output, settings mismatch, missing optional dependency)."""
+
+
+def result_columns(classes: list[str]) -> list[str]:
+    """The results CSV's columns for a model with ``classes``."""
+    return [*HEAD_COLUMNS, *(f"prob_{c}" for c in classes), *TAIL_COLUMNS]
+
+
+def load_item(path: str | Path, prep: Preprocessing, *, keep_original: bool = False) -> dict:
+    """Read and preprocess one file into a scoring item; never raises for a bad file.
+
+    Returns:
+        A dict with ``path``, ``pixels`` (float32 size x size, None on error), ``letterbox``,
+        ``original`` (the windowed image as uint8 at its own size, only with ``keep_original``),
+        ``format``, ``sop_instance_uid``, ``error`` and ``error_code`` (empty when fine) and
+        ``decode_s``.
+    """
+    t0 = time.perf_counter()
+    item: dict[str, Any] = {
+        "path": str(path),
+        "pixels": None,
+        "letterbox": None,
+        "original": None,
+        "format": "",
+        "sop_instance_uid": "",
+        "error": "",
+        "error_code": "",
+    }
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # conversions do not change a prediction's validity
+            res = preprocess_file(path, prep, keep_rendered=keep_original)
+            pixels, box, meta = res.pixels, res.letterbox, res.meta
+            if res.rendered is not None:  # CAM overlays are drawn on the full-size rendering
+                item["original"] = np.rint(res.rendered * 255.0).astype(np.uint8)
+        item |= {"pixels": pixels, "letterbox": box}
+        if meta is not None:
+            item |= {"format": meta.format, "sop_instance_uid": meta.sop_instance_uid or ""}
+    except ImageReadError as e:
+        item |= {"error": e.short(), "error_code": e.code}
+    except Exception as e:  # a decoder bug must cost one row, not the run
+        item |= {
+            "error": f"internal_error: {type(e).__name__}: {e}",
+            "error_code": "internal_error",
+        }
+    item["decode_s"] = time.perf_counter() - t0
+    return item
+
+
+def _fmt(x: float) -> str:
+    return f"{float(x):.9g}"
+
+
+def _one_line(value: object) -> str:
+    return str(value).replace("\r", " ").replace("\n", " ")
+
+
+def make_row(
+    item: Mapping[str, Any], pred: Prediction | None, classes: list[str], seconds: float
+) -> dict[str, str]:
+    """The results row of one item (``pred`` None for an item that failed to read)."""
+    row = {
+        "path": str(item["path"]),
+        "status": "ok" if pred is not None else "error",
+        "error": _one_line(item.get("error", "")),
+        "error_code": _one_line(item.get("error_code", "")),
+        "sop_instance_uid": _one_line(item.get("sop_instance_uid", "")),
+        "seconds": f"{seconds:.4f}",
+        "size_bytes": str(item.get("size_bytes", "")),
+        "mtime_ns": str(item.get("mtime_ns", "")),
+        "cam_path": "",
+        "dicom_path": "",
+        "predicted": "",
+        "threshold": "",
+    }
+    for c in classes:
+        row[f"prob_{c}"] = ""
+    if pred is not None:
+        for c, p in zip(classes, pred.probs, strict=True):
+            row[f"prob_{c}"] = _fmt(p)
+        row["predicted"] = _one_line(pred.predicted)
+        row["threshold"] = "" if pred.threshold is None else _fmt(pred.threshold)
+    return row
+
+
+def predict_items(
+    predictor: Predictor, items: list[Mapping[str, Any]]
+) -> tuple[list[Prediction | None], float]:
+    """Predictions for the items that were read (None for the others) and the model seconds."""
+    ok = [i for i, it in enumerate(items) if it["pixels"] is not None]
+    preds: list[Prediction | None] = [None] * len(items)
+    t0 = time.perf_counter()
+    pixels = [np.asarray(items[i]["pixels"], dtype=np.float32) for i in ok]
+    for i, p in zip(ok, predictor.predict(pixels), strict=True):
+        preds[i] = p
+    return preds, time.perf_counter() - t0
+
+
+def score_items(
+    predictor: Predictor, items: list[Mapping[str, Any]]
+) -> tuple[list[dict[str, str]], list[Prediction | None]]:
+    """Rows (and predictions) for one batch of items: the shared core of both engines.
+
+    A model failure (e.g. out of memory) turns the batch's readable files into
+    ``internal_error`` rows, which a resumed run retries, instead of stopping the run.
+    """
+    try:
+        preds, model_s = predict_items(predictor, items)
+    except Exception as e:
+        msg = f"internal_error: the model failed on this file's batch: {type(e).__name__}: {e}"
+        items = [
+            it if it["pixels"] is None else {**it, "error": msg, "error_code": "internal_error"}
+            for it in items
+        ]
+        preds, model_s = [None] * len(items), 0.0
+    share = model_s / max(1, sum(p is not None for p in preds))
+    rows = [
+        make_row(
+            it, p, predictor.classes, it.get("decode_s", 0.0) + (share if p is not None else 0.0)
+        )
+        for it, p in zip(items, preds, strict=True)
+    ]
+    return rows, preds

@@ -1,0 +1,398 @@
+"""``xraycls predict``: score a file, a folder or a manifest into a resumable results CSV.
+
+Streaming: a torch ``DataLoader`` decodes and preprocesses files in worker processes while this
+process runs the model; each batch's rows are appended to the CSV, flushed and fsynced, so a
+``kill -9`` at any moment loses at most the batch in flight. Resuming, torn lines and settings:
+:mod:`xraycls.inference.results`. One file to one row: :mod:`xraycls.inference.rows`.
+
+Per-file errors: the dataset's ``__getitem__`` turns every exception of reading a file into that
+file's error row, so one bad file never kills a worker or stops the batch. Workers are spawned,
+not forked (see :func:`_local_batches`): a script that calls :func:`score` with workers needs
+the usual ``if __name__ == "__main__":`` guard.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+import torch
+
+from xraycls.bundle.format import Members
+from xraycls.inference.outputs import Explainer
+from xraycls.inference.results import (
+    SETTINGS_VERSION,
+    ResultsFile,
+    check_settings,
+    exclusive,
+    require_pyarrow,
+    write_parquet,
+)
+from xraycls.inference.rows import ScoreError, load_item, result_columns, score_items
+from xraycls.io.dicom import installation_salt
+from xraycls.io.manifest import read_labels
+from xraycls.io.preprocess import Preprocessing
+from xraycls.io.read import iter_image_files
+
+if TYPE_CHECKING:
+    # Imported where used: decoding workers unpickle this module's dataset, and importing the
+    # predictor (calibration -> scikit-learn) would double each worker's start-up time.
+    from xraycls.inference.predictor import Predictor
+
+Engine = Literal["local", "ray"]
+
+# --------------------------------------------------------------------------- inputs
+
+
+@dataclass
+class Inputs:
+    """The files to score, in order, and the folder their output names are made relative to."""
+
+    paths: list[Path]
+    root: Path
+    source: Path
+
+
+def collect_inputs(source: str | Path) -> Inputs:
+    """Resolve INPUT: an image file, a folder (recursive, as ``xraycls ingest`` scans it) or a
+    CSV with a ``path`` column (a labels CSV or an ingest manifest; relative paths are resolved
+    against the CSV's folder).
+
+    Raises:
+        FileNotFoundError: ``source`` does not exist.
+        PermissionError: ``source`` is a folder that cannot be listed.
+        LabelsError: The CSV is malformed.
+    """
+    src = Path(source).resolve()
+    if not src.exists():
+        raise FileNotFoundError(f"{source}: no such file or folder")
+    if src.is_dir():
+        if not os.access(src, os.R_OK | os.X_OK):
+            raise PermissionError(f"{source}: folder not readable")
+        return Inputs(list(iter_image_files(src)), src, src)
+    if src.suffix.lower() == ".csv":
+        paths = [Path(r["path"]) for r in read_labels(src)]
+        root = Path(os.path.commonpath([str(src.parent), *map(str, paths)]))
+        return Inputs(paths, root, src)
+    return Inputs([src], src.parent, src)
+
+
+def _stat_key(path: Path) -> tuple[str, str]:
+    try:
+        st = path.stat()
+    except OSError:
+        return "", ""
+    return str(st.st_size), str(st.st_mtime_ns)
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+class ScoringDataset(torch.utils.data.Dataset):
+    """Files -> scoring items (see :func:`load_item`); a bad file is an item with its error."""
+
+    def __init__(
+        self, paths: list[str], prep: Preprocessing, *, keep_original: bool = False
+    ) -> None:
+        self.paths = paths
+        self.prep = prep
+        self.keep_original = keep_original
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> dict:
+        item = load_item(self.paths[i], self.prep, keep_original=self.keep_original)
+        # Tensors cross from worker processes through shared memory instead of a pickle pipe.
+        for k in ("pixels", "original"):
+            if item[k] is not None:
+                item[k] = torch.from_numpy(item[k])
+        return item
+
+
+def _as_list(batch: list[dict]) -> list[dict]:
+    return batch
+
+
+def _worker_init(_: int) -> None:
+    import cv2
+
+    cv2.setNumThreads(1)  # one decoding thread per worker: the workers are the parallelism
+
+
+def default_workers() -> int:
+    """Decoding processes when not given: the CPU count, at most 8."""
+    return min(os.cpu_count() or 1, 8)
+
+
+# --------------------------------------------------------------------------- the run
+
+
+@dataclass
+class ScoreSummary:
+    """What a run did."""
+
+    out: Path
+    ok: int = 0
+    error: int = 0
+    skipped: int = 0
+    """Files already scored by an earlier run (same path, size and mtime)."""
+    errors_by_code: Counter[str] = field(default_factory=Counter)
+    cam_failed: int = 0
+    seconds: float = 0.0
+    """Wall time of the scoring loop (decoding, model, writing; not the model's loading)."""
+    parquet: Path | None = None
+
+    @property
+    def images_per_s(self) -> float:
+        """Files scored per second of the scoring loop."""
+        n = self.ok + self.error
+        return n / self.seconds if self.seconds > 0 else 0.0
+
+    def line(self) -> str:
+        """The one-line summary the CLI prints."""
+        kinds = ", ".join(
+            f"{n} {c}"
+            for c, n in sorted(self.errors_by_code.items(), key=lambda kv: (-kv[1], kv[0]))
+        )
+        parts = [f"{self.ok} ok", f"{self.error} error" + (f" ({kinds})" if kinds else "")]
+        parts.append(f"{self.skipped} skipped (already scored)")
+        if self.cam_failed:
+            parts.append(f"{self.cam_failed} CAM/DICOM outputs failed (see error column)")
+        rate = f"{self.images_per_s:.1f} images/s"
+        return f"{', '.join(parts)} in {self.seconds:.1f} s ({rate}) -> {self.out}"
+
+    def count(self, row: dict[str, str]) -> None:
+        """Add one newly written row to the counts."""
+        if row["status"] == "ok":
+            self.ok += 1
+            self.cam_failed += row["error"].startswith("cam_failed")
+        else:
+            self.error += 1
+            self.errors_by_code[row["error_code"] or "unreadable"] += 1
+
+
+def score(
+    source: str | Path,
+    out: str | Path,
+    *,
+    run: str | Path | Predictor,
+    members: Members = "auto",
+    device: str = "auto",
+    workers: int | None = None,
+    batch_size: int = 16,
+    cam_dir: str | Path | None = None,
+    cam_method: str = "gradcam",
+    dicom_out: str | Path | None = None,
+    parquet: bool = False,
+    engine: Engine = "local",
+    on_progress: Callable[[int, int], None] | None = None,
+) -> ScoreSummary:
+    """Score every file of ``source`` into the results CSV ``out``, resuming an earlier run.
+
+    Args:
+        source: An image file, a folder (scanned recursively) or a CSV with a ``path`` column.
+        out: The results CSV (its folder is created).
+        run: A run bundle folder, or an already loaded :class:`Predictor` (the Ray engine's
+            actors load its ``run_dir`` again, with ``members``).
+        members: Which weights of the bundle (see :meth:`Predictor.from_run`).
+        device: ``auto``, ``cpu``, ``cuda``, ...
+        workers: Decoding processes (default :func:`default_workers`); 0 decodes in this
+            process.
+        batch_size: Files per model batch (and per flushed write).
+        cam_dir: Write a CAM overlay PNG per readable file here (mirroring the input tree).
+        cam_method: One of ``xraycls.inference.cam.CAM_METHODS``.
+        dicom_out: Write a DICOM Secondary Capture of the overlay per DICOM input here.
+        parquet: Also write ``out`` with a ``.parquet`` suffix when the run completes.
+        engine: ``local`` (DataLoader) or ``ray`` (Ray Data; needs ``xraycls[distributed]``).
+        on_progress: Called with (done, total) after each batch.
+
+    Raises:
+        OSError: ``source`` does not exist or cannot be listed; the results cannot be written.
+        LabelsError: ``source`` is a malformed CSV.
+        BundleError: ``run`` is not a usable run bundle.
+        ScoreError: Bad output location, settings mismatch with an earlier run, or a missing
+            optional dependency.
+    """
+    inputs = collect_inputs(source)
+    out, cam_dir, dicom_out = _check_outputs(
+        inputs, out, cam_dir, dicom_out, batch_size=batch_size, parquet=parquet, engine=engine
+    )
+    predictor = _predictor(run, members=members, device=device, engine=engine)
+    explain = None
+    if cam_dir is not None or dicom_out is not None:
+        explain = Explainer(predictor, inputs.root, cam_method, cam_dir, dicom_out)
+    columns = result_columns(predictor.classes)
+    settings = {
+        "version": SETTINGS_VERSION,
+        "input": str(inputs.source),
+        "run": str(predictor.run_dir.resolve()) if predictor.run_dir else None,
+        "model": predictor.describe() | {"run": None, "files": predictor.fingerprint()},
+        "preprocessing": predictor.prep.fingerprint(),
+        "cam_dir": str(cam_dir) if cam_dir else None,
+        "cam_method": cam_method if explain else None,
+        "dicom_out": str(dicom_out) if dicom_out else None,
+    }
+    summary = ScoreSummary(out=out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with exclusive(out):
+        results = ResultsFile(out, columns)
+        check_settings(out, settings, out.exists())
+        rows, todo = results.resume([(str(p), _stat_key(p)) for p in inputs.paths])
+        summary.skipped = len(rows)
+        installation_salt()  # create the patient-ID salt once, before workers race for it
+        if engine == "ray":
+            batches = _ray_batches(todo, predictor, run=run, members=members, batch_size=batch_size)
+        else:
+            batches = _local_batches(
+                todo, predictor, workers=workers, batch_size=batch_size, explain=explain
+            )
+        t0 = time.perf_counter()
+        _record(batches, results, rows, summary, total=len(inputs.paths), on_progress=on_progress)
+        summary.seconds = time.perf_counter() - t0
+        missing = [p for p, _ in todo if p not in rows]
+        if missing:
+            raise RuntimeError(f"{len(missing)} files got no result row, e.g. {missing[0]}")
+        results.finish(rows[str(p)] for p in inputs.paths)
+        if parquet:
+            summary.parquet = write_parquet(out, columns)
+    return summary
+
+
+def _check_outputs(
+    inputs: Inputs,
+    out: str | Path,
+    cam_dir: str | Path | None,
+    dicom_out: str | Path | None,
+    *,
+    batch_size: int,
+    parquet: bool,
+    engine: str,
+) -> tuple[Path, Path | None, Path | None]:
+    """Resolve and refuse bad output locations and options before any model is loaded."""
+    if batch_size < 1:
+        raise ScoreError(f"batch size must be at least 1, got {batch_size}")
+    if engine not in ("local", "ray"):
+        raise ScoreError(f"unknown engine {engine!r}: use local or ray")
+    out = Path(out).resolve()
+    if out.is_dir():
+        raise ScoreError(f"--out {out} is a folder; give the results CSV's file name")
+    cam = Path(cam_dir).resolve() if cam_dir is not None else None
+    dcm = Path(dicom_out).resolve() if dicom_out is not None else None
+    for name, d in (("--cam-dir", cam), ("--dicom-out", dcm)):
+        if d is not None and inputs.source.is_dir() and d.is_relative_to(inputs.source):
+            raise ScoreError(
+                f"{name} {d} lies inside the input {inputs.source}; it would be scored"
+            )
+    if parquet:
+        require_pyarrow()
+    if engine == "ray" and (cam or dcm):
+        raise ScoreError("--cam-dir and --dicom-out are supported by the local engine only")
+    return out, cam, dcm
+
+
+def _predictor(
+    run: str | Path | Predictor, *, members: Members, device: str, engine: str
+) -> Predictor:
+    from xraycls.inference.predictor import Predictor
+
+    if isinstance(run, Predictor):
+        return run
+    # The Ray driver only needs classes and preprocessing: its actors load their own models.
+    return Predictor.from_run(run, members=members, device="cpu" if engine == "ray" else device)
+
+
+def _record(
+    batches: Iterator[list[dict[str, str]]],
+    results: ResultsFile,
+    rows: dict[str, dict[str, str]],
+    summary: ScoreSummary,
+    *,
+    total: int,
+    on_progress: Callable[[int, int], None] | None,
+) -> None:
+    """Append each batch's rows to the results file (fsynced) and count them."""
+    done = len(rows)
+    if on_progress:
+        on_progress(done, total)
+    try:
+        for batch_rows in batches:
+            results.append(batch_rows)
+            for r in batch_rows:
+                rows[r["path"]] = r
+                summary.count(r)
+            done += len(batch_rows)
+            if on_progress:
+                on_progress(done, total)
+    finally:
+        results.close()
+
+
+def _ray_batches(
+    todo: list[tuple[str, tuple[str, str]]],
+    predictor: Predictor,
+    *,
+    run: str | Path | Predictor,
+    members: Members,
+    batch_size: int,
+) -> Iterator[list[dict[str, str]]]:
+    from xraycls.inference.ray_engine import ray_batches
+
+    run_dir = Path(run) if isinstance(run, str | Path) else predictor.run_dir
+    if run_dir is None:
+        raise ScoreError("--engine ray needs a run folder, not an in-memory model")
+    return ray_batches(
+        todo,
+        run_dir=run_dir,
+        members=members,
+        prep=predictor.prep,
+        classes=predictor.classes,
+        batch_size=batch_size,
+    )
+
+
+def _local_batches(
+    todo: list[tuple[str, tuple[str, str]]],
+    predictor: Predictor,
+    *,
+    workers: int | None,
+    batch_size: int,
+    explain: Explainer | None,
+) -> Iterator[list[dict[str, str]]]:
+    """Rows per batch: DataLoader workers decode while this process runs the model."""
+    if not todo:
+        return
+    n = default_workers() if workers is None else max(0, workers)
+    dataset = ScoringDataset(
+        [p for p, _ in todo], predictor.prep, keep_original=explain is not None
+    )
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=n,
+        collate_fn=_as_list,
+        worker_init_fn=_worker_init if n else None,
+        prefetch_factor=2 if n else None,
+        # Fresh worker processes: a fork inherits the state of this process's thread pools
+        # (OpenCV, OpenMP), and a fork taken while one was busy (e.g. after CAM overlays in a
+        # long-lived process) deadlocked the child. Costs one interpreter start per worker.
+        multiprocessing_context="spawn" if n else None,
+    )
+    start = 0
+    for items in loader:
+        for it, (_, (size, mtime)) in zip(items, todo[start : start + len(items)], strict=True):
+            it["size_bytes"], it["mtime_ns"] = size, mtime
+        start += len(items)
+        rows, preds = score_items(predictor, items)
+        if explain is not None:
+            extra = explain(items, preds, rows) / max(1, sum(p is not None for p in preds))
+            for r, p in zip(rows, preds, strict=True):
+                if p is not None:
+                    r["seconds"] = f"{float(r['seconds']) + extra:.4f}"
+        yield rows

@@ -1,0 +1,354 @@
+"""DICOM: decoding a data set into modality values, its VOI, and the patient pseudonym.
+
+All DICOM reading knowledge of the project lives here (writing: :mod:`xraycls.io.dicom_objects`).
+Values come out after the Modality LUT; the VOI is kept as a callable so that
+:func:`xraycls.io.image.render` applies it, then inverts MONOCHROME1 (see :mod:`xraycls.io.image`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import io
+import math
+import os
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from xraycls.errors import (
+    CodecUnavailableError,
+    DicomReadError,
+    ImageReadError,
+    ImageTooLargeError,
+    NoPixelDataError,
+    NotDicomError,
+    PixelDecodeError,
+    TruncatedDicomError,
+    XrayWarning,
+)
+from xraycls.io.image import ImageMeta, RawImage, apply_window, linear, luminance
+
+
+def hash_patient_id(patient_id: str, *, salt: bytes | None = None) -> str:
+    """A salted, non-reversible pseudonym for a patient ID (HMAC-SHA256, 16 hex characters).
+
+    The salt comes from ``XRAYCLS_SALT`` or a random per-installation file
+    (``$XDG_CONFIG_HOME/xraycls/salt``), so hashes are stable on one site and cannot be
+    reversed by hashing a list of candidate IDs.
+    """
+    key = salt if salt is not None else installation_salt()
+    return hmac.new(key, patient_id.strip().encode(), hashlib.sha256).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- DICOM
+
+
+def load_dicom(path: Path, data: bytes, *, max_pixels: int) -> RawImage:
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    has_preamble = data[128:132] == b"DICM"
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")  # pydicom warns about many harmless header quirks
+            ds = pydicom.dcmread(io.BytesIO(data), force=not has_preamble)
+        hit_eof = any("end of file" in str(w.message).lower() for w in caught)
+    except InvalidDicomError as e:
+        raise NotDicomError(path, f"not a DICOM file: {e}") from e
+    except (EOFError, OSError) as e:
+        raise TruncatedDicomError(path, f"file ends inside the DICOM header ({e})") from e
+    except Exception as e:  # pydicom raises many types for malformed headers
+        raise DicomReadError(path, f"unreadable DICOM header: {type(e).__name__}: {e}") from e
+
+    if hit_eof and "PixelData" not in ds:
+        raise TruncatedDicomError(path, "file ends before its data set does (no pixel data read)")
+    try:
+        return _decode_dataset(path, ds, max_pixels=max_pixels)
+    except ImageReadError as e:
+        if hit_eof and not isinstance(e, TruncatedDicomError):
+            raise TruncatedDicomError(path, f"file ends early; {e.reason}") from e
+        raise
+    except (ValueError, TypeError, AttributeError, KeyError, IndexError) as e:
+        raise DicomReadError(path, f"invalid DICOM header: {type(e).__name__}: {e}") from e
+
+
+def _decode_dataset(path: Path, ds: Any, *, max_pixels: int) -> RawImage:
+    from pydicom.pixels import apply_color_lut, apply_modality_lut, pixel_array
+
+    if "PixelData" not in ds:
+        sop = _sop_class_name(ds)
+        if "Rows" in ds and "Columns" in ds and "DirectoryRecordSequence" not in ds:
+            raise TruncatedDicomError(
+                path,
+                f"the header declares a {ds.Rows}x{ds.Columns} image but there is no Pixel Data "
+                "element: the file is probably truncated",
+            )
+        what = f" ({sop})" if sop else ""
+        raise NoPixelDataError(path, f"DICOM object without pixel data{what}: not an image")
+
+    missing = [k for k in ("Rows", "Columns", "BitsAllocated") if ds.get(k) is None]
+    if missing:
+        raise DicomReadError(
+            path, f"pixel data without the required element(s) {', '.join(missing)}"
+        )
+    _infer_transfer_syntax(ds)
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    spp = int(ds.get("SamplesPerPixel", 1) or 1)
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    bits_alloc = int(ds.BitsAllocated)
+    if rows <= 0 or cols <= 0:
+        raise DicomReadError(path, f"invalid image size {rows}x{cols}")
+    if rows * cols > max_pixels:
+        need = rows * cols * spp * max(1, bits_alloc // 8) / 1024**2
+        raise ImageTooLargeError(
+            path,
+            f"header declares {rows}x{cols} pixels ({need:.0f} MiB per frame), over the "
+            f"{max_pixels:,}-pixel guard; refusing to decode",
+        )
+
+    notes: list[str] = []
+    if frames > 1:
+        notes.append(f"multi-frame ({frames} frames): using the first frame")
+    ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            arr = pixel_array(ds, index=0 if frames > 1 else None)
+    except Exception as e:  # decoders raise RuntimeError, ValueError, NotImplementedError, ...
+        raise _classify_decode_error(path, ts, e) from e
+
+    photometric = str(ds.get("PhotometricInterpretation", "") or "").upper().strip() or None
+    padding = None
+    invert = False
+    voi = None
+    if photometric == "PALETTE COLOR":
+        arr = apply_color_lut(arr, ds)
+        values = luminance(arr) / float(np.iinfo(arr.dtype).max if arr.dtype.kind == "u" else 1)
+        notes.append("palette colour converted to luminance")
+    elif arr.ndim == 3 and spp > 1:
+        # pydicom has already converted YBR_* to RGB.
+        values = luminance(arr)
+        notes.append(f"colour ({photometric}) converted to luminance")
+    else:
+        arr = _fix_bits_stored(arr, ds, notes)
+        padding = _padding_mask(arr, ds)
+        values = np.asarray(apply_modality_lut(arr, ds), dtype=np.float32)
+        invert = photometric == "MONOCHROME1"
+        voi = _header_voi(ds)
+
+    for note in notes:
+        warnings.warn(f"{path}: {note}", XrayWarning, stacklevel=3)
+    meta = ImageMeta(
+        path=str(path),
+        format="dicom",
+        original_shape=(rows, cols),
+        photometric=photometric,
+        modality=_str(ds, "Modality"),
+        body_part=_str(ds, "BodyPartExamined"),
+        view_position=_str(ds, "ViewPosition"),
+        sop_instance_uid=_str(ds, "SOPInstanceUID"),
+        study_instance_uid=_str(ds, "StudyInstanceUID"),
+        patient_hash=hash_patient_id(pid) if (pid := _str(ds, "PatientID")) else None,
+        pixel_spacing=_spacing(ds),
+        bits_stored=int(ds.get("BitsStored", bits_alloc) or bits_alloc),
+        header_window=_first_window(ds),
+        has_voi_lut=bool(ds.get("VOILUTSequence")),
+        warnings=tuple(notes),
+    )
+    return RawImage(values=values, meta=meta, padding=padding, invert=invert, voi=voi)
+
+
+def _infer_transfer_syntax(ds: Any) -> None:
+    """A data set without file meta (ACR-NEMA style) has native pixel data in the encoding it
+    was read with; tell the decoder so instead of failing on the missing (0002,0010)."""
+    from pydicom import uid
+
+    meta = getattr(ds, "file_meta", None)
+    if meta is None or meta.get("TransferSyntaxUID") is not None:
+        return
+    implicit, little = getattr(ds, "original_encoding", (None, None))
+    if implicit is None:
+        return
+    if implicit:
+        meta.TransferSyntaxUID = uid.ImplicitVRLittleEndian
+    else:
+        meta.TransferSyntaxUID = uid.ExplicitVRLittleEndian if little else uid.ExplicitVRBigEndian
+
+
+def _classify_decode_error(path: Path, ts: Any, e: Exception) -> ImageReadError:
+    msg = " ".join(str(e).split())
+    if "less than expected" in msg or "truncat" in msg.lower():
+        return TruncatedDicomError(path, f"pixel data is shorter than the header declares ({msg})")
+    if ts is None:
+        return DicomReadError(path, f"cannot decode pixel data: {msg}")
+    name = getattr(ts, "name", str(ts))
+    try:
+        from pydicom.pixels import get_decoder
+
+        available = get_decoder(ts).is_available
+    except NotImplementedError:
+        return CodecUnavailableError(
+            path, f"pydicom has no decoder for transfer syntax {name} ({ts})"
+        )
+    if not available:
+        return CodecUnavailableError(
+            path,
+            f"no installed codec decodes {name} ({ts}); install pylibjpeg-libjpeg, "
+            "pylibjpeg-openjpeg, pylibjpeg-rle or python-gdcm (`pip install xraycls` pulls them)",
+        )
+    return PixelDecodeError(path, f"every installed decoder failed on {name} data: {msg}")
+
+
+def _fix_bits_stored(arr: np.ndarray, ds: Any, notes: list[str]) -> np.ndarray:
+    """Mask unsigned values above BitsStored (old overlays in high bits); sign-extend signed."""
+    if arr.dtype.kind not in "iu":
+        return arr
+    nbits = arr.dtype.itemsize * 8
+    stored = int(ds.get("BitsStored", nbits) or nbits)
+    if stored >= nbits:
+        return arr
+    if arr.dtype.kind == "u":
+        if int(arr.max()) >> stored:
+            notes.append(f"values above BitsStored={stored} masked")
+            arr = arr & np.array((1 << stored) - 1, dtype=arr.dtype)
+        return arr
+    lo, hi = -(1 << (stored - 1)), (1 << (stored - 1)) - 1
+    if int(arr.min()) < lo or int(arr.max()) > hi:
+        shift = nbits - stored
+        arr = (arr << shift) >> shift
+    return arr
+
+
+def _padding_mask(arr: np.ndarray, ds: Any) -> np.ndarray | None:
+    pad = ds.get("PixelPaddingValue")
+    if pad is None or isinstance(pad, bytes):
+        return None
+    limit = ds.get("PixelPaddingRangeLimit")
+    if limit is None or isinstance(limit, bytes):
+        mask = arr == pad
+    else:
+        lo, hi = sorted((int(pad), int(limit)))
+        mask = (arr >= lo) & (arr <= hi)
+    return mask if mask.any() else None
+
+
+def _header_voi(ds: Any) -> Any:
+    """The header's VOI as ``values -> ([0,1] array, description)``, or None."""
+    from pydicom.pixels import apply_voi
+
+    seq = ds.get("VOILUTSequence")
+    if seq:
+        item = seq[0]
+        lut = np.asarray(item.LUTData, dtype=np.float32)
+        lo, hi = float(lut.min()), float(lut.max())
+
+        def lut_voi(values: np.ndarray) -> tuple[np.ndarray, str]:
+            # Many LUTs declare 16 output bits but use 12: scale by the data's own range.
+            # LUT inputs are integers; pydicom warns (rightly) on float input.
+            out = np.asarray(apply_voi(np.rint(values).astype(np.int64), ds, index=0), np.float32)
+            return linear(out, lo, hi), "VOI LUT sequence"
+
+        return lut_voi
+    win = _first_window(ds)
+    if win is None:
+        return None
+    center, width = win
+    function = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR").upper()
+
+    def window_voi(values: np.ndarray) -> tuple[np.ndarray, str]:
+        suffix = "" if function == "LINEAR" else f" {function}"
+        return apply_window(values, center, width, function), f"window {center:g}/{width:g}{suffix}"
+
+    return window_voi
+
+
+def _first_window(ds: Any) -> tuple[float, float] | None:
+    c, w = ds.get("WindowCenter"), ds.get("WindowWidth")
+    if c is None or w is None:
+        return None
+    try:
+        c = float(c[0] if _is_multi(c) else c)
+        w = float(w[0] if _is_multi(w) else w)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if not (math.isfinite(c) and math.isfinite(w)) or w <= 0:
+        return None
+    return c, w
+
+
+def _is_multi(v: Any) -> bool:
+    return isinstance(v, Sequence) and not isinstance(v, str | bytes)
+
+
+def _spacing(ds: Any) -> tuple[float, float] | None:
+    for kw in ("PixelSpacing", "ImagerPixelSpacing"):
+        v = ds.get(kw)
+        if v is not None and _is_multi(v) and len(v) == 2:
+            try:
+                dy, dx = float(v[0]), float(v[1])
+            except (TypeError, ValueError):
+                return None
+            return (dy, dx) if dy > 0 and dx > 0 else None
+    return None
+
+
+def _str(ds: Any, keyword: str) -> str | None:
+    try:
+        v = ds.get(keyword)
+    except Exception:  # a malformed element must not stop the image from loading
+        return None
+    if v is None:
+        return None
+    s = str(v).strip()
+    return s or None
+
+
+def _sop_class_name(ds: Any) -> str | None:
+    uid = ds.get("SOPClassUID") or (
+        ds.file_meta.get("MediaStorageSOPClassUID") if hasattr(ds, "file_meta") else None
+    )
+    if "DirectoryRecordSequence" in ds:
+        return "DICOMDIR"
+    return getattr(uid, "name", None) if uid else None
+
+
+_SALT: bytes | None = None
+
+
+def installation_salt() -> bytes:
+    global _SALT
+    if _SALT is not None:
+        return _SALT
+    env = os.environ.get("XRAYCLS_SALT")
+    if env:
+        _SALT = env.encode()
+        return _SALT
+    base = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "xraycls"
+    salt_file = base / "salt"
+    try:
+        if not salt_file.exists():
+            # Write then hard-link: creation is atomic and never exposes an empty salt to a
+            # concurrent worker process.
+            base.mkdir(parents=True, exist_ok=True)
+            tmp = base / f".salt.{os.getpid()}"
+            tmp.write_bytes(os.urandom(32).hex().encode())
+            try:
+                os.link(tmp, salt_file)
+            except FileExistsError:
+                pass
+            finally:
+                tmp.unlink(missing_ok=True)
+        _SALT = salt_file.read_bytes().strip()
+    except OSError as e:  # a read-only home: still pseudonymise, but say it is per-process
+        warnings.warn(
+            f"cannot store a patient-ID salt in {salt_file} ({e}); set XRAYCLS_SALT so that "
+            "patient hashes are stable across runs",
+            XrayWarning,
+            stacklevel=3,
+        )
+        _SALT = os.urandom(32)
+    return _SALT

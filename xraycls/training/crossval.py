@@ -1,0 +1,285 @@
+"""``xraycls train``: patient-grouped cross-validation that leaves a run bundle.
+
+Protocol, per outer fold k: the other folds are split again by patient into training and an
+inner validation set (``train.inner_val_fraction``); the inner set alone drives early stopping
+and the choice of checkpoint, and fold k is predicted once, by the chosen model. Pooled
+out-of-fold (OOF) predictions are therefore never used to choose anything, which keeps the
+reported AUROC honest (and leaves them clean for fitting a calibrator later).
+
+Resumable: a finished fold is never retrained; an interrupted fold continues from its last
+epoch checkpoint. Re-running with the same ``--out`` and config resumes; a different config in
+an existing run folder is refused.
+
+Reading order: :func:`run_training` (the run: data, folds, refit, floor, bundle) ->
+:func:`xraycls.training.fold.train_fold` (one model) -> :mod:`xraycls.training.engine`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from xraycls.bundle.calibration import calibrate_run
+from xraycls.bundle.card import write_model_card
+from xraycls.bundle.format import (
+    INTENSITY_FILE,
+    METRICS_FILE,
+    OutOfFold,
+    write_bundle_meta,
+    write_oof,
+)
+from xraycls.errors import ConfigError
+from xraycls.evaluation.metrics import classification_metrics, softmax
+from xraycls.io.files import write_json_atomic, write_text_atomic
+from xraycls.io.manifest import read_table, write_table
+from xraycls.io.ood import reference_from_files
+from xraycls.io.preprocess import ImageCache, Preprocessing
+from xraycls.models.runtime import resolve_amp, resolve_device
+from xraycls.models.weights import load_weights, normalization_for, save_weights
+from xraycls.training.config import Config
+from xraycls.training.data import load_table, preflight
+from xraycls.training.floor import floor_features, floor_oof_probs
+from xraycls.training.fold import RunContext, train_fold
+from xraycls.training.splits import patient_folds
+
+
+@dataclass
+class TrainResult:
+    """What ``xraycls train`` prints and returns."""
+
+    out: Path
+    metrics: dict[str, Any]
+    seconds: float
+
+
+def preprocessing_for(cfg: Config) -> Preprocessing:
+    """The image preprocessing a config implies (also stored in the bundle)."""
+    return Preprocessing(
+        image_size=cfg.model.image_size, resize=cfg.data.resize, window=cfg.data.window
+    )
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def run_training(
+    cfg: Config, out: str | Path, *, log: Callable[[str], None] = print, progress: Any = None
+) -> TrainResult:
+    """Cross-validate ``cfg`` and write the run bundle to ``out`` (resuming what is there).
+
+    Raises:
+        ConfigError: ``out`` holds a run made with a different config, or the data is unusable.
+    """
+    t0 = time.perf_counter()
+    ctx = _prepare(cfg, Path(out), log=log, progress=progress)
+    table = ctx.table
+    folds = patient_folds(table.labels, table.groups, folds=cfg.cv.folds, seed=cfg.seed)
+    _write_csv(
+        ctx.out / "folds.csv",
+        [
+            {"path": p, "patient_id": g, "fold": int(f)}
+            for p, g, f in zip(table.paths, table.groups, folds, strict=True)
+        ],
+        ["path", "patient_id", "fold"],
+    )
+    oof_logits = np.zeros((len(table), len(table.classes)), dtype=np.float32)
+    fold_metrics, timings = [], []
+    for k in range(cfg.cv.folds):
+        test, train = np.flatnonzero(folds == k), np.flatnonzero(folds != k)
+        result = train_fold(ctx, f"fold{k}", seed=cfg.seed + k, train_idx=train, test_idx=test)
+        oof_logits[test] = result.logits
+        m = classification_metrics(softmax(result.logits), table.labels[test], table.classes)
+        fold_metrics.append({"fold": k, **m, "best_epoch": result.best_epoch})
+        timings.append(result.timing)
+        log(
+            f"fold {k}: AUROC {m['auroc']:.4f}, accuracy {m['accuracy']:.4f} "
+            f"(best inner epoch {result.best_epoch})"
+        )
+    if cfg.cv.refit:
+        refit = train_fold(ctx, "refit", seed=cfg.seed + 1000, train_idx=np.arange(len(table)))
+        save_weights(
+            ctx.out / "weights.safetensors", load_weights(ctx.out / "refit" / "weights.safetensors")
+        )
+        timings.append(refit.timing)
+
+    oof = OutOfFold(
+        paths=table.paths,
+        groups=table.groups,
+        labels=table.labels,
+        folds=folds,
+        logits=oof_logits.astype(np.float64),
+        classes=table.classes,
+        floor=_floor(ctx, folds),
+    )
+    metrics = _run_metrics(ctx, oof, fold_metrics, timings) | {
+        "wall_seconds": time.perf_counter() - t0
+    }
+    _write_bundle(ctx, oof, metrics)
+    pooled, floor = metrics["pooled_oof"], metrics["floor_logreg_32px"]
+    log(
+        f"pooled OOF AUROC {pooled['auroc']:.4f}, accuracy {pooled['accuracy']:.4f}; floor (logistic "
+        f"regression on 32x32 pixels, same folds) AUROC {floor['auroc']:.4f} -> {ctx.out}"
+    )
+    return TrainResult(ctx.out, metrics, metrics["wall_seconds"])
+
+
+def _prepare(cfg: Config, out: Path, *, log: Callable[[str], None], progress: Any) -> RunContext:
+    """Check everything that can be checked before an epoch runs, then read the data."""
+    from xraycls.models import get_spec
+
+    try:
+        get_spec(cfg.model.name)  # a misspelt backbone fails here, not after data loading
+    except ValueError as e:
+        raise ConfigError(f"model.name: {e}") from e
+    device = resolve_device(cfg.train.device)
+    amp = resolve_amp(cfg.train.amp, device)
+    _claim_run_dir(out, cfg)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    prep = preprocessing_for(cfg)
+    cache = ImageCache(cfg.data.cache_dir) if cfg.data.cache_dir else None
+    table = load_table(cfg.data, prep, seed=cfg.seed, log=log)
+    table, excluded = preflight(table, prep, cache)
+    _write_csv(out / "excluded.csv", excluded, ["path", "error"])
+    if excluded:
+        log(f"{len(excluded)} unreadable images excluded (see {out / 'excluded.csv'})")
+    log(
+        f"{len(table)} images, {len(np.unique(table.groups))} patients, classes {table.classes}; "
+        f"{cfg.model.name} at {cfg.model.image_size}px on {device} ({amp.describe()}); "
+        f"{cfg.cv.folds}-fold CV"
+    )
+    return RunContext(cfg, out, table, prep, cache, device, amp, log, progress)
+
+
+def _floor(ctx: RunContext, folds: np.ndarray) -> np.ndarray:
+    """The 32x32 logistic-regression floor's OOF probabilities on the run's own folds."""
+    feats = floor_features(ctx.table, ctx.prep, cache=ctx.cache)
+    return floor_oof_probs(
+        feats,
+        ctx.table.labels,
+        ctx.table.groups,
+        folds,
+        n_classes=len(ctx.table.classes),
+        seed=ctx.cfg.seed,
+    )
+
+
+def _run_metrics(
+    ctx: RunContext,
+    oof: OutOfFold,
+    fold_metrics: list[dict[str, Any]],
+    timings: list[dict[str, float | None]],
+) -> dict[str, Any]:
+    """``metrics.json``: pooled OOF and floor metrics, per fold, and what the run cost."""
+    assert oof.floor is not None
+    headline = ("auroc", "accuracy", "sensitivity", "specificity", "f1", "balanced_accuracy")
+    infer = [t["inference_seconds_per_image"] for t in timings if t["inference_seconds_per_image"]]
+    return {
+        "pooled_oof": classification_metrics(softmax(oof.logits), oof.labels, oof.classes),
+        "floor_logreg_32px": classification_metrics(oof.floor, oof.labels, oof.classes),
+        "folds": fold_metrics,
+        "mean_over_folds": {k: float(np.nanmean([f[k] for f in fold_metrics])) for k in headline},
+        "n_images": len(oof.labels),
+        "n_patients": len(np.unique(oof.groups)),
+        "excluded": _count_rows(ctx.out / "excluded.csv"),
+        "classes": oof.classes,
+        "device": str(ctx.device),
+        "amp": ctx.amp.describe(),
+        "train_seconds_per_image": float(np.mean([t["train_seconds_per_image"] for t in timings])),
+        "inference_seconds_per_image": float(np.mean(infer)) if infer else None,
+    }
+
+
+def _write_bundle(ctx: RunContext, oof: OutOfFold, metrics: dict[str, Any]) -> None:
+    """Everything a consumer of the run reads: predictions, metrics, identity, calibration,
+    model card and the intensity reference for out-of-distribution checks."""
+    cfg = ctx.cfg
+    write_oof(ctx.out, oof, softmax(oof.logits))
+    write_json_atomic(ctx.out / METRICS_FILE, metrics)
+    write_bundle_meta(
+        ctx.out,
+        model=cfg.model.name,
+        image_size=cfg.model.image_size,
+        classes=ctx.table.classes,
+        label_column=cfg.data.label_column,
+        normalization=normalization_for(cfg.model.name),
+        prep=ctx.prep,
+        folds=cfg.cv.folds,
+        refit=cfg.cv.refit,
+    )
+    _plot_curves(ctx.out)
+    if cfg.calibration.method != "none":
+        cal = calibrate_run(
+            ctx.out,
+            method=cfg.calibration.method,
+            threshold_target=cfg.calibration.threshold_target,
+            threshold_value=cfg.calibration.threshold_value,
+        )
+        metrics["calibration"] = cal
+        ctx.log(
+            f"calibration ({cal['method']}, fitted on OOF logits): ECE {cal['before']['ece']:.4f} -> "
+            f"{cal['after_crossfit']['ece']:.4f} (cross-fitted)"
+        )
+    write_model_card(ctx.out)
+    reference = reference_from_files(ctx.table.paths, ctx.prep)
+    if reference is not None:  # for the out-of-distribution check wherever the bundle goes
+        write_json_atomic(ctx.out / INTENSITY_FILE, reference.to_dict())
+
+
+# --------------------------------------------------------------------------- files
+
+
+def _claim_run_dir(out: Path, cfg: Config) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError) as e:
+        raise ConfigError(f"--out {out}: a file is in the way of this run folder") from e
+    except PermissionError as e:
+        raise ConfigError(f"--out {out}: not writable ({e.strerror})") from e
+    if (out / "manifest.csv").exists() and (out / "ingest.json").exists():
+        raise ConfigError(f"--out {out} is an `xraycls ingest` folder; give a run folder")
+    saved = out / "config.yaml"
+    text = cfg.to_yaml()
+    if saved.exists() and saved.read_text() != text:
+        raise ConfigError(
+            f"{out} holds a run with a different config ({saved}); use another --out or delete it"
+        )
+    try:
+        write_text_atomic(saved, text)
+    except PermissionError as e:
+        raise ConfigError(f"--out {out}: not writable ({e.strerror})") from e
+
+
+def _write_csv(path: Path, rows: list[dict[str, Any]], cols: list[str]) -> None:
+    write_table(path, rows, cols)
+
+
+def _count_rows(path: Path) -> int:
+    return len(read_table(path)) if path.exists() else 0
+
+
+def _plot_curves(out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_table(out / "log.csv")
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    for name in sorted({r["model"] for r in rows}):
+        rs = [r for r in rows if r["model"] == name]
+        ep = [int(r["epoch"]) + 1 for r in rs]
+        a.plot(ep, [float(r["train_loss"]) for r in rs], marker="o", label=name)
+        b.plot(ep, [float(r["val_auroc"]) for r in rs], marker="o", label=name)
+    a.set(title="training loss", xlabel="epoch")
+    b.set(title="inner-validation AUROC", xlabel="epoch")
+    a.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "training_curves.png", dpi=100)
+    plt.close(fig)

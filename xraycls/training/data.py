@@ -1,0 +1,268 @@
+"""From a labels CSV (or an ingest manifest) to model-ready tensors.
+
+Samples are dicts with fixed keys (``image``, ``label``, ``index``); the image is 3xHxW float32,
+the grey channel repeated three times and normalised with the statistics the backbone's
+pretrained checkpoints were trained with (:func:`xraycls.models.weights.to_model_input`, the
+same function the predictor uses).
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from xraycls.errors import ConfigError, ImageReadError
+from xraycls.io.manifest import LabelsError, read_labels
+from xraycls.io.preprocess import ImageCache, Preprocessing, preprocess_file, read_cached
+from xraycls.models.weights import Normalization, to_model_input
+from xraycls.training.config import AugmentConfig, DataConfig
+from xraycls.training.splits import grouped_subset
+
+
+@dataclass
+class Table:
+    """The images of an experiment: paths, integer labels, patient groups."""
+
+    paths: list[str]
+    labels: np.ndarray
+    groups: np.ndarray
+    classes: list[str]
+    cached: list[str | None] = field(default_factory=list)
+    """Per image, an ingest cache entry usable as is (same preprocessing), else None."""
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def subset(self, idx: np.ndarray) -> Table:
+        """The rows at ``idx``."""
+        return Table(
+            [self.paths[i] for i in idx],
+            self.labels[idx],
+            self.groups[idx],
+            self.classes,
+            [self.cached[i] for i in idx] if self.cached else [],
+        )
+
+
+def load_table(
+    cfg: DataConfig,
+    prep: Preprocessing,
+    *,
+    seed: int = 0,
+    log: Callable[[str], None] | None = None,
+) -> Table:
+    """Read the labels CSV or manifest named by ``cfg.labels``.
+
+    Manifest rows whose ``status`` is not ``ok`` and rows without a label are excluded, counted
+    and reported through ``log``. When the patient column exists, every row must name a
+    patient; without the column each image is its own group (with a warning: images of one
+    patient may then fall in different folds).
+
+    Raises:
+        ConfigError: The file or the label column is missing, a row has no patient id, a label
+            is not among ``data.classes``, a declared class has no image, or fewer than two
+            classes remain. The message names the file (and line) and the fix.
+    """
+    try:
+        rows = read_labels(cfg.labels)
+    except LabelsError as e:
+        raise ConfigError(f"data.labels: {e}") from e
+    if not rows:
+        raise ConfigError(f"{cfg.labels}: no rows")
+    column = cfg.label_column
+    if column not in rows[0]:
+        raise ConfigError(
+            f"{cfg.labels}: no column {column!r} (data.label_column); columns: {', '.join(rows[0])}"
+        )
+    not_ok = sum(1 for r in rows if r.get("status", "ok") != "ok")
+    unlabelled = [i for i, r in enumerate(rows) if r.get("status", "ok") == "ok" and not r[column]]
+    if (not_ok or unlabelled) and log is not None:
+        log(
+            f"{cfg.labels}: excluded {len(unlabelled)} row(s) with an empty {column!r}"
+            + (f" (first at line {unlabelled[0] + 2})" if unlabelled else "")
+            + (f" and {not_ok} ingest error row(s)" if not_ok else "")
+        )
+    lines = [i + 2 for i, r in enumerate(rows) if r.get("status", "ok") == "ok" and r[column]]
+    rows = [r for r in rows if r.get("status", "ok") == "ok" and r[column]]
+    classes = _classes(cfg, rows)
+    groups = _patient_groups(cfg, rows, lines)
+    index = {c: i for i, c in enumerate(classes)}
+    table = Table(
+        paths=[r["path"] for r in rows],
+        labels=np.array([index[r[column]] for r in rows], dtype=np.int64),
+        groups=groups,
+        classes=classes,
+        cached=_usable_cache_entries(cfg.labels, rows, prep),
+    )
+    if cfg.limit is not None and cfg.limit < len(table):
+        table = table.subset(grouped_subset(table.labels, table.groups, n=cfg.limit, seed=seed))
+    return table
+
+
+def _classes(cfg: DataConfig, rows: list[dict[str, str]]) -> list[str]:
+    found = {r[cfg.label_column] for r in rows}
+    classes = cfg.classes or sorted(found)
+    unknown = sorted(found - set(classes))
+    if unknown:
+        raise ConfigError(f"{cfg.labels}: labels {unknown} are not in data.classes {classes}")
+    absent = [c for c in classes if c not in found]
+    if absent:
+        raise ConfigError(
+            f"{cfg.labels}: data.classes {absent} have no image in column {cfg.label_column!r} "
+            f"(found {sorted(found)}); fix data.classes or the labels"
+        )
+    if len(classes) < 2:
+        raise ConfigError(f"{cfg.labels}: need at least two classes, found {classes}")
+    return classes
+
+
+def _patient_groups(cfg: DataConfig, rows: list[dict[str, str]], lines: list[int]) -> np.ndarray:
+    """Patient ids per row. Some blank ids are an error (each would silently become a one-image
+    patient whose other images could sit in another fold); a column with no id at all makes
+    every image its own group, with a warning."""
+    column = cfg.patient_column
+    blank = [line for r, line in zip(rows, lines, strict=True) if not r.get(column)]
+    if len(blank) == len(rows):  # no column, or an ingest manifest of files without patient ids
+        warnings.warn(
+            f"{cfg.labels}: no {column!r} values; each image is its own group, so one "
+            "patient's images may land in different folds",
+            stacklevel=3,
+        )
+        return np.array([r["path"] for r in rows])
+    if blank:
+        raise ConfigError(
+            f"{cfg.labels}: {len(blank)} row(s) without a {column!r} (first at line {blank[0]}); "
+            "every image needs its patient so that no patient spans two folds"
+        )
+    return np.array([r[column] for r in rows])
+
+
+def _usable_cache_entries(
+    labels_csv: Path, rows: list[dict[str, str]], prep: Preprocessing
+) -> list[str | None]:
+    """An ingest manifest's cache entries, when ingest used the same preprocessing."""
+    if not rows or "cache_path" not in rows[0]:
+        return []
+    settings = Path(labels_csv).resolve().parent / "ingest.json"
+    try:
+        same = json.loads(settings.read_text())["preprocessing"] == prep.fingerprint()
+    except (OSError, ValueError, KeyError):
+        return []
+    base = settings.parent
+    return [str(base / r["cache_path"]) if same and r.get("cache_path") else None for r in rows]
+
+
+def preflight(
+    table: Table, prep: Preprocessing, cache: ImageCache | None
+) -> tuple[Table, list[dict[str, str]]]:
+    """Decode every image once (filling the cache); drop the unreadable ones.
+
+    Returns:
+        The readable rows, and ``{path, error}`` for each dropped image, so that one bad file
+        costs one image, not the run.
+    """
+    keep, excluded = [], []
+    for i, path in enumerate(table.paths):
+        if table.cached and table.cached[i]:
+            keep.append(i)
+            continue
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                preprocess_file(path, prep, cache=cache)
+            keep.append(i)
+        except ImageReadError as e:
+            excluded.append({"path": path, "error": e.short()})
+    return table.subset(np.array(keep, dtype=np.int64)), excluded
+
+
+class XrayDataset(Dataset[dict[str, Any]]):
+    """Images of a :class:`Table` as normalised 3xHxW tensors, optionally augmented."""
+
+    def __init__(
+        self,
+        table: Table,
+        prep: Preprocessing,
+        *,
+        cache: ImageCache | None = None,
+        augment: AugmentConfig | None = None,
+        normalization: Normalization,
+        seed: int = 0,
+    ) -> None:
+        self.table = table
+        self.prep = prep
+        self.cache = cache
+        self.augment = (
+            _build_augment(augment, prep.image_size) if augment and augment.enabled else None
+        )
+        self.seed = seed
+        self.normalization = normalization
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Re-seed augmentation so that epoch ``e`` is the same after a resume."""
+        if self.augment is not None:
+            self.augment.set_random_state(seed=(self.seed * 100_003 + epoch) % 2**31)
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def load_pixels(self, i: int) -> np.ndarray:
+        """Float32 HxW in [0, 1] at the working size."""
+        return load_pixels(self.table, i, self.prep, self.cache)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        x = torch.from_numpy(self.load_pixels(i))
+        if self.augment is not None:
+            out = self.augment(x.unsqueeze(0))
+            x = (out.as_tensor() if hasattr(out, "as_tensor") else out).clamp_(0.0, 1.0)[0]
+        image = to_model_input(x, self.normalization)
+        return {"image": image, "label": int(self.table.labels[i]), "index": i}
+
+
+def load_pixels(table: Table, i: int, prep: Preprocessing, cache: ImageCache | None) -> np.ndarray:
+    """Image ``i`` of ``table`` as the model's float32 input in [0, 1]: the ingest cache entry
+    when the table has one, else the file preprocessed through ``cache``."""
+    entry = table.cached[i] if table.cached else None
+    if entry and (pixels := read_cached(entry)) is not None:
+        return pixels
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return preprocess_file(table.paths[i], prep, cache=cache).pixels
+
+
+def worker_init(worker_id: int) -> None:
+    """Give each DataLoader worker its own augmentation stream, derived from the loader's seed."""
+    info = torch.utils.data.get_worker_info()
+    if info is not None and getattr(info.dataset, "augment", None) is not None:
+        info.dataset.augment.set_random_state(seed=info.seed % 2**31)
+
+
+def _build_augment(cfg: AugmentConfig, size: int) -> Any:
+    from monai.data import set_track_meta
+    from monai.transforms import Compose, RandAdjustContrast, RandAffine, RandFlip
+
+    set_track_meta(False)  # plain tensors: metadata tracking costs time and is not used here
+
+    transforms: list[Any] = [
+        RandAffine(
+            prob=cfg.prob,
+            rotate_range=(np.deg2rad(cfg.rotate_deg),),
+            scale_range=(cfg.scale, cfg.scale),
+            translate_range=(cfg.translate * size, cfg.translate * size),
+            padding_mode="zeros",
+            mode="bilinear",
+        ),
+        RandAdjustContrast(prob=cfg.prob, gamma=cfg.gamma),
+    ]
+    if cfg.hflip:
+        transforms.append(RandFlip(prob=0.5, spatial_axis=1))
+    return Compose(transforms)

@@ -1,0 +1,444 @@
+"""One model of a cross-validation run: its data, network, staged epochs and held-out prediction.
+
+:func:`train_fold` reads top to bottom: datasets (training split by patient into training and
+inner validation), the network, :func:`_run_epochs` (the staged loop with checkpoint, resume,
+best-epoch choice on the inner set and early stopping), then the held-out fold's logits. The
+step itself is :func:`xraycls.training.engine.train_one_epoch`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from xraycls.io.files import write_json_atomic
+from xraycls.io.manifest import read_table, write_table
+from xraycls.io.preprocess import ImageCache, Preprocessing
+from xraycls.models.runtime import Amp
+from xraycls.models.weights import load_weights, normalization_for, save_weights
+from xraycls.training.checkpoint import load_checkpoint, save_checkpoint
+from xraycls.training.config import Config, StageConfig
+from xraycls.training.data import Table, XrayDataset, worker_init
+from xraycls.training.engine import (
+    StepSchedule,
+    build_optimizer,
+    class_weights,
+    evaluate,
+    iter_epochs,
+    set_trainable,
+    train_one_epoch,
+)
+from xraycls.training.splits import inner_split
+
+LOG_COLUMNS = [
+    "model",
+    "stage",
+    "epoch",
+    "train",
+    "lr",
+    "train_loss",
+    "val_loss",
+    "val_auroc",
+    "seconds",
+    "images_per_s",
+]
+
+
+@dataclass
+class RunContext:
+    """What every fold of a run shares."""
+
+    cfg: Config
+    out: Path
+    table: Table
+    prep: Preprocessing
+    cache: ImageCache | None
+    device: torch.device
+    amp: Amp
+    log: Callable[[str], None]
+    progress: Any = None
+    """A ``rich.progress.Progress`` for per-batch bars, or None."""
+
+
+@dataclass
+class TrainResult:
+    """What ``xraycls train`` prints and returns."""
+
+    out: Path
+    metrics: dict[str, Any]
+    seconds: float
+
+
+@dataclass
+class FoldResult:
+    """One trained model: its held-out logits (none for the refit model) and what it cost."""
+
+    logits: np.ndarray
+    best_epoch: int
+    best_inner_score: float
+    timing: dict[str, float | None] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- one model
+
+
+def train_fold(
+    ctx: RunContext,
+    name: str,
+    *,
+    seed: int,
+    train_idx: np.ndarray,
+    test_idx: np.ndarray | None = None,
+) -> FoldResult:
+    """Train one model on ``train_idx`` (resuming), or load a finished one; predict ``test_idx``.
+
+    The model's folder ``out/<name>/`` ends with ``weights.safetensors`` and ``result.json``;
+    the epoch checkpoints are removed once the fold is done.
+    """
+    fold_dir = ctx.out / name
+    done = _finished(fold_dir, len(ctx.table.classes))
+    if done is not None:
+        ctx.log(f"{name}: already trained, reusing")
+        return done
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    train_set, val_set = _fold_datasets(ctx, train_idx, seed)
+    model = _build_model(ctx)
+    state = _run_epochs(ctx, name, model, train_set, val_set, seed)
+    model.load_state_dict(load_weights(fold_dir / "best.safetensors"))
+    save_weights(
+        fold_dir / "weights.safetensors", model.state_dict(), metadata={"model": ctx.cfg.model.name}
+    )
+    logits, infer_s = _predict_held_out(ctx, model, test_idx)
+    result = FoldResult(
+        logits=logits,
+        best_epoch=state["best_epoch"],
+        best_inner_score=state["best_score"],
+        timing={
+            "train_seconds_per_image": state["train_seconds"] / max(1, state["train_images"]),
+            "inference_seconds_per_image": infer_s,
+        },
+    )
+    write_json_atomic(
+        fold_dir / "result.json",
+        {
+            "best_epoch": result.best_epoch,
+            "best_inner_score": result.best_inner_score,
+            "timing": result.timing,
+            "logits": logits.tolist(),
+        },
+    )
+    for f in (fold_dir / "checkpoint").glob("*"):
+        f.unlink()
+    (fold_dir / "checkpoint").rmdir()
+    (fold_dir / "best.safetensors").unlink(missing_ok=True)
+    return result
+
+
+def _finished(fold_dir: Path, n_classes: int) -> FoldResult | None:
+    path = fold_dir / "result.json"
+    if not path.exists():
+        return None
+    saved = json.loads(path.read_text())
+    return FoldResult(
+        logits=np.array(saved["logits"], dtype=np.float32).reshape(-1, n_classes),
+        best_epoch=saved["best_epoch"],
+        best_inner_score=saved["best_inner_score"],
+        timing=saved["timing"],
+    )
+
+
+def _fold_datasets(
+    ctx: RunContext, train_idx: np.ndarray, seed: int
+) -> tuple[XrayDataset, XrayDataset]:
+    """The training images split by patient into training and inner validation."""
+    sub = ctx.table.subset(train_idx)
+    inner_tr, inner_val = inner_split(
+        sub.labels, sub.groups, fraction=ctx.cfg.train.inner_val_fraction, seed=seed
+    )
+    norm = normalization_for(ctx.cfg.model.name)
+    train_set = XrayDataset(
+        sub.subset(inner_tr),
+        ctx.prep,
+        cache=ctx.cache,
+        augment=ctx.cfg.augment,
+        normalization=norm,
+        seed=seed,
+    )
+    val_set = XrayDataset(sub.subset(inner_val), ctx.prep, cache=ctx.cache, normalization=norm)
+    return train_set, val_set
+
+
+def _build_model(ctx: RunContext) -> torch.nn.Module:
+    from xraycls.models import create_model
+
+    cfg = ctx.cfg
+    model = create_model(
+        cfg.model.name,
+        num_classes=len(ctx.table.classes),
+        image_size=cfg.model.image_size,
+        pretrained=cfg.model.pretrained,
+        grad_checkpointing=cfg.model.grad_checkpointing,
+    ).to(ctx.device)
+    if _channels_last(cfg.train.channels_last, model):
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def _predict_held_out(
+    ctx: RunContext, model: torch.nn.Module, test_idx: np.ndarray | None
+) -> tuple[np.ndarray, float | None]:
+    """Logits of the held-out fold in ``test_idx`` order, and seconds per image."""
+    if test_idx is None or not len(test_idx):
+        return np.zeros((0, len(ctx.table.classes)), np.float32), None
+    test_set = XrayDataset(
+        ctx.table.subset(test_idx),
+        ctx.prep,
+        cache=ctx.cache,
+        normalization=normalization_for(ctx.cfg.model.name),
+    )
+    ev = evaluate(
+        model,
+        make_loader(test_set, ctx.cfg),
+        classes=ctx.table.classes,
+        amp=ctx.amp,
+        device=ctx.device,
+        channels_last=_channels_last(ctx.cfg.train.channels_last, model),
+    )
+    return ev["logits"][np.argsort(ev["index"])], ev["seconds"] / len(test_idx)
+
+
+# --------------------------------------------------------------------------- the epochs
+
+
+def _run_epochs(
+    ctx: RunContext,
+    name: str,
+    model: torch.nn.Module,
+    train_set: XrayDataset,
+    val_set: XrayDataset,
+    seed: int,
+) -> dict[str, Any]:
+    """The staged epoch loop of one model, resuming from its last checkpoint.
+
+    After each epoch the model is scored on the inner validation set; the best epoch's weights
+    are kept in ``best.safetensors``; in the last stage, ``train.early_stopping_patience``
+    epochs without improvement end the loop. Returns the loop's state (best epoch, timings).
+    """
+    cfg, stages = ctx.cfg, ctx.cfg.train.stages
+    fold_dir, ckpt_dir = ctx.out / name, ctx.out / name / "checkpoint"
+    loss_fn = _loss(ctx, train_set)
+    scaler = torch.amp.GradScaler(ctx.device.type, enabled=ctx.amp.use_scaler)
+    steps = math.ceil(math.ceil(len(train_set) / cfg.train.batch_size) / cfg.train.accumulate)
+    channels_last = _channels_last(cfg.train.channels_last, model)
+    state, optimizer, opt_stage = _restore(ctx, name, model, scaler, stages)
+    for g, s, e in iter_epochs(stages):
+        if g <= state["epoch"]:
+            continue
+        stage, last_stage = stages[s], s == len(stages) - 1
+        if opt_stage != s or optimizer is None:
+            set_trainable(model, stage.train)
+            optimizer, opt_stage = build_optimizer(model, stage), s
+        schedule = StepSchedule(
+            optimizer,
+            total=stage.epochs * steps,
+            warmup=int(stage.warmup_epochs * steps),
+            start=e * steps,
+        )
+        torch.manual_seed(seed * 1000 + g)  # dropout / drop-path streams replay after a resume
+        train_set.set_epoch(g)
+        loader = make_loader(train_set, cfg, shuffle=True, seed=seed * 1000 + g)
+        with _batch_bar(ctx, f"{name} epoch {g + 1} [{stage.train}]", len(loader)) as on_batch:
+            tr = train_one_epoch(
+                model,
+                loader,
+                optimizer,
+                loss_fn=loss_fn,
+                amp=ctx.amp,
+                scaler=scaler,
+                device=ctx.device,
+                accumulate=cfg.train.accumulate,
+                channels_last=channels_last,
+                schedule=schedule,
+                on_batch=on_batch,
+            )
+        val = evaluate(
+            model,
+            make_loader(val_set, cfg),
+            classes=ctx.table.classes,
+            amp=ctx.amp,
+            device=ctx.device,
+            channels_last=channels_last,
+        )
+        _update_state(state, tr, val, g, s, last_stage, model, fold_dir)
+        _log_epoch(ctx, name, g, s, stage, optimizer, tr, val)  # a resume trims what re-runs
+        save_checkpoint(
+            ckpt_dir, f"e{g}", model=model, optimizer=optimizer, scaler=scaler, state=state
+        )
+        patience = cfg.train.early_stopping_patience
+        if last_stage and patience and state["bad_epochs"] >= patience:
+            ctx.log(f"{name}: early stop after epoch {g + 1}")
+            break
+    return state
+
+
+def _loss(ctx: RunContext, train_set: XrayDataset) -> torch.nn.Module:
+    weights = (
+        class_weights(train_set.table.labels, len(ctx.table.classes)).to(ctx.device)
+        if ctx.cfg.train.class_weighting
+        else None
+    )
+    return torch.nn.CrossEntropyLoss(weight=weights, label_smoothing=ctx.cfg.train.label_smoothing)
+
+
+def _restore(
+    ctx: RunContext,
+    name: str,
+    model: torch.nn.Module,
+    scaler: torch.amp.GradScaler,
+    stages: list[StageConfig],
+) -> tuple[dict[str, Any], torch.optim.Optimizer | None, int | None]:
+    """The loop state after the last finished epoch (fresh when there is no checkpoint)."""
+    state: dict[str, Any] = {
+        "epoch": -1,
+        "best_score": -math.inf,
+        "best_epoch": -1,
+        "bad_epochs": 0,
+        "train_seconds": 0.0,
+        "train_images": 0,
+    }
+
+    def optimizer_for(saved: dict[str, Any]) -> torch.optim.Optimizer:
+        stage = stages[saved["stage"]]
+        set_trainable(model, stage.train)
+        return build_optimizer(model, stage)
+
+    restored = load_checkpoint(
+        ctx.out / name / "checkpoint", model=model, optimizer_factory=optimizer_for, scaler=scaler
+    )
+    if restored is None:
+        _trim_log(ctx.out / "log.csv", name, last_epoch=-1)
+        return state, None, None
+    state, optimizer = restored
+    # An epoch logged but killed before its checkpoint runs again: drop its log row.
+    _trim_log(ctx.out / "log.csv", name, last_epoch=state["epoch"])
+    ctx.log(f"{name}: resuming after epoch {state['epoch'] + 1}")
+    return state, optimizer, state["stage"]
+
+
+def _update_state(
+    state: dict[str, Any],
+    tr: dict[str, float],
+    val: dict[str, Any],
+    g: int,
+    s: int,
+    last_stage: bool,
+    model: torch.nn.Module,
+    fold_dir: Path,
+) -> None:
+    """Record an epoch: timings, and the best inner-validation score (its weights kept)."""
+    score = val["auroc"] if not math.isnan(val["auroc"]) else -val["loss"]
+    state["train_seconds"] += tr["seconds"]
+    state["train_images"] += int(tr["images"])
+    if score > state["best_score"]:
+        state.update(best_score=score, best_epoch=g, bad_epochs=0)
+        save_weights(fold_dir / "best.safetensors", model.state_dict())
+    elif last_stage:
+        state["bad_epochs"] += 1
+    state.update(epoch=g, stage=s)
+
+
+def _log_epoch(
+    ctx: RunContext,
+    name: str,
+    g: int,
+    s: int,
+    stage: StageConfig,
+    optimizer: torch.optim.Optimizer,
+    tr: dict[str, float],
+    val: dict[str, Any],
+) -> None:
+    row = {
+        "model": name,
+        "stage": s,
+        "epoch": g,
+        "train": stage.train,
+        "lr": f"{optimizer.param_groups[-1]['lr']:.3g}",
+        "train_loss": f"{tr['loss']:.4f}",
+        "val_loss": f"{val['loss']:.4f}",
+        "val_auroc": f"{val['auroc']:.4f}",
+        "seconds": f"{tr['seconds'] + val['seconds']:.1f}",
+        "images_per_s": f"{tr['images'] / tr['seconds']:.2f}",
+    }
+    _append_log(ctx.out / "log.csv", row)
+    ctx.log(
+        f"{name} epoch {g + 1} [{stage.train}]: train loss {tr['loss']:.4f}, "
+        f"inner-val AUROC {val['auroc']:.4f} ({tr['seconds']:.0f} s)"
+    )
+
+
+@contextmanager
+def _batch_bar(ctx: RunContext, title: str, total: int) -> Iterator[Callable[[float], None]]:
+    """A per-batch progress bar for one epoch; yields the per-batch callback (a no-op without
+    ``ctx.progress``)."""
+    progress = ctx.progress
+    if progress is None:
+        yield lambda loss: None
+        return
+    task = progress.add_task(title, total=total, loss=float("nan"))
+    try:
+        yield lambda loss: progress.update(task, advance=1, loss=loss)
+    finally:
+        progress.remove_task(task)
+
+
+def make_loader(
+    ds: XrayDataset, cfg: Config, *, shuffle: bool = False, seed: int = 0
+) -> DataLoader[Any]:
+    g = torch.Generator()
+    g.manual_seed(seed)
+    return DataLoader(
+        ds,
+        batch_size=cfg.train.batch_size,
+        shuffle=shuffle,
+        num_workers=cfg.data.num_workers,
+        generator=g,
+        worker_init_fn=worker_init,
+        pin_memory=torch.cuda.is_available(),
+        drop_last=False,
+    )
+
+
+def _channels_last(setting: str, model: torch.nn.Module) -> bool:
+    if setting == "auto":
+        return bool(getattr(model, "channels_last_preferred", False))
+    return setting == "on"
+
+
+def _append_log(path: Path, row: dict[str, Any]) -> None:
+    new = not path.exists()
+    with path.open("a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=LOG_COLUMNS)
+        if new:
+            w.writeheader()
+        w.writerow(row)
+
+
+def _trim_log(path: Path, name: str, *, last_epoch: int) -> None:
+    """Drop ``name``'s log rows of epochs after ``last_epoch`` (they will run again)."""
+    if not path.exists():
+        return
+    rows = read_table(path)
+    kept = [r for r in rows if r["model"] != name or int(r["epoch"]) <= last_epoch]
+    if len(kept) != len(rows):
+        write_table(path, kept, LOG_COLUMNS)
