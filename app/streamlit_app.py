@@ -32,6 +32,7 @@ from xraycls.bundle.summary import (
     default_members,
     intensity_reference_for_run,
     summarize_run,
+    threshold_info,
 )
 from xraycls.inference.analysis import (
     DEFAULT_MAX_UPLOAD_MB,
@@ -43,6 +44,7 @@ from xraycls.inference.analysis import (
     uncertainty,
     uncertainty_text,
 )
+from xraycls.inference.cam import overlay
 from xraycls.inference.report import INTENDED_USE, batch_row, build_report, rows_to_csv
 from xraycls.io.display import default_window, display_image, to_png, window_limits
 from xraycls.io.privacy import identifying_fields, safe_header
@@ -66,8 +68,8 @@ def _args() -> argparse.Namespace:
 
 
 @st.cache_resource(max_entries=2, show_spinner="Loading the model…")
-def load_predictor(run: str, members: str, device: str, stamp: str) -> Any:
-    """The bundle's Predictor, loaded once per (bundle, members, device, file times).
+def load_predictor(run: str, members: str, calibration: str, device: str, stamp: str) -> Any:
+    """The bundle's Predictor, loaded once per (bundle, members, calibration, device, times).
 
     Warmed up here, behind the loading spinner, so that the first upload does not pay for
     one-time costs: importing pytorch-grad-cam (~4 s), the first forward and the first CAM
@@ -78,13 +80,16 @@ def load_predictor(run: str, members: str, device: str, stamp: str) -> Any:
     from xraycls.inference.cam import explain_pixels
     from xraycls.inference.predictor import Predictor
 
-    predictor = Predictor.from_run(run, members=members, device=device)  # type: ignore[arg-type]
+    predictor = Predictor.from_run(
+        run,
+        members=members,  # type: ignore[arg-type]
+        calibration=None if calibration == "default" else calibration,
+        device=device,
+    )
     size = predictor.prep.image_size
     blank = [np.zeros((size, size), np.float32)]
     predictor.predict(blank)
-    backbone = predictor.models[0].spec.name
-    cam_size = V.default_cam_size(size, backbone, predictor.device.type)
-    explain_pixels(predictor, blank, target=0, cam_size=None if cam_size == size else cam_size)
+    explain_pixels(predictor, blank, target=0)
     return predictor
 
 
@@ -131,8 +136,8 @@ def _memo(name: str, key: tuple[Any, ...], compute: Any, *, keep: int = 6) -> An
 # --------------------------------------------------------------------------- sidebar
 
 
-def pick_model(args: argparse.Namespace) -> tuple[RunSummary, str]:
-    """Runs folder, bundle and ensemble members; shows the bundle's identity."""
+def pick_model(args: argparse.Namespace) -> tuple[RunSummary, str, str]:
+    """Runs folder, bundle, served configuration and calibration; shows what was validated."""
     st.sidebar.header("Model")
     root = st.sidebar.text_input("Runs folder", value=args.runs, help="Searched for run bundles.")
     runs = find_bundles(root)
@@ -160,36 +165,44 @@ def pick_model(args: argparse.Namespace) -> tuple[RunSummary, str]:
         "folds": f"fold ensemble ({s.fold_members} models: shows their spread)",
         "refit": "refit model (one model, fastest, no spread)",
     }
+    default = default_members(s)
     members = st.sidebar.radio(
         "Members",
         options,
-        index=options.index(default_members(s)),
+        index=options.index(default) if default in options else 0,
         format_func=labels.__getitem__,
         key=f"members::{choice}",
+    )
+    calibrations = ["default", *s.site_calibrations]
+    calibration = st.sidebar.selectbox(
+        "Calibration",
+        calibrations,
+        format_func=lambda c: "the bundle's (its holdout)" if c == "default" else f"site: {c}",
+        key=f"calibration::{choice}",
+        help="A site calibration is refitted on a hospital's own labelled images "
+        "(`xraycls calibrate RUN --on CSV --name SITE`).",
     )
     lines = [
         f"**Backbone** `{s.backbone}` at {s.image_size} px",
         f"**Data** `{s.data}`"
         + (f" ({s.n_images} images, {s.n_patients} patients)" if s.n_images else ""),
-        f"**OOF AUROC** {s.auroc_text()}",
-        f"**Calibration** {s.calibration_text()}",
+        f"**Cross-validation AUROC** (fold models, out of fold) {s.cv_auroc_text()}",
     ]
+    if calibration == "default":
+        lines.append(f"**Served** {s.served_text(members)}")
     st.sidebar.markdown("  \n".join(lines))
-    if s.auroc is not None:
-        st.sidebar.caption(
-            "AUROC: pooled out-of-fold predictions of patient-grouped cross-validation, 95% "
-            "patient-level bootstrap interval."
-        )
-    return s, members
+    st.sidebar.caption(
+        "Intervals: 95% patient-level bootstrap. 'Served' numbers were measured on patients "
+        "none of the served models trained on; calibrator and threshold cross-fitted."
+    )
+    return s, members, calibration
 
 
-def explanation_controls(
-    summary: RunSummary, device: str
-) -> tuple[str, str | None, float, int | None]:
+def explanation_controls(summary: RunSummary) -> tuple[str, str | None, float, int | None]:
     """CAM method, target class (None = the decision), opacity, CAM input size.
 
-    The CAM input size defaults to the model's on a GPU; on a CPU to at most 512 px, which
-    makes the CAM of a 1024-px model about 4x faster at a coarser map.
+    The CAM input size defaults to the model's own, so the map explains the prediction shown;
+    a reduced size is an explicit choice, labelled on screen and in the exports.
     """
     from xraycls.inference.cam import CAM_METHODS
 
@@ -206,10 +219,11 @@ def explanation_controls(
     cam_size = st.sidebar.selectbox(
         "CAM input size",
         sizes,
-        index=sizes.index(V.default_cam_size(summary.image_size, summary.backbone, device)),
-        format_func=lambda n: f"{n} px" + (" (full)" if n == summary.image_size else " (faster)"),
+        index=sizes.index(V.default_cam_size(summary.image_size)),
+        format_func=lambda n: V.cam_size_label(n, summary.image_size),
         key="cam_size",
-        help="Smaller runs the CAM on a shrunken input: faster, coarser map.",
+        help="The default explains the prediction from the same input. A reduced size is "
+        "faster but runs the model on a scale it never saw; such maps are labelled.",
     )
     return (
         method,
@@ -261,10 +275,16 @@ def show_batch(results: list[Analysis | UploadFailure], classes: tuple[str, ...]
     )
 
 
-def show_prediction(a: Analysis, summary: RunSummary) -> None:
+def show_prediction(a: Analysis, summary: RunSummary, predictor: Any) -> None:
     """Decision, calibrated probabilities with the member spread, OOD warnings."""
     pred = a.prediction
-    st.markdown(f"### Decision: {decision_text(pred, summary.classes, summary.threshold)}")
+    info = threshold_info(predictor.calibration_entry)
+    st.markdown(f"### Decision: {decision_text(pred, summary.classes, info)}")
+    if not predictor.calibrated:
+        st.warning(
+            "Uncalibrated: this bundle has no calibration for the served model; the "
+            "probabilities are raw softmax outputs and no threshold was validated."
+        )
     cols = st.columns(len(summary.classes))
     for col, u in zip(cols, uncertainty(pred, summary.classes), strict=True):
         spread = (
@@ -366,20 +386,28 @@ def show_images(
         _memo(
             "overlay_png",
             (*cam_key, alpha, window, boxkey),
-            lambda: to_png(V.overlay_image(shown.pixels[box], heat[box], alpha=alpha)),
+            lambda: to_png(overlay(shown.pixels[box], heat[box], alpha=alpha)),
         ),
-        caption=f"Grad-CAM overlay — {cam.method}, target {cam.target}",
+        caption=f"Grad-CAM overlay — {cam.method}, target {cam.target}"
+        + ("" if cam_size is None else f" — {V.cam_size_label(cam_size, summary.image_size)}"),
         output_format="PNG",
         width="stretch",
     )
-    explanation = {"method": cam.method, "target": cam.target, "cam_size": cam_size, "alpha": alpha}
+    size = cam_size or summary.image_size
+    explanation = {
+        "method": cam.method,
+        "target": cam.target,
+        "cam_size": size,
+        "cam_size_note": V.cam_size_label(size, summary.image_size),
+        "alpha": alpha,
+    }
     stem = Path(a.name).stem or "image"
-    report = build_report(a, summary, members=model_key[1], explanation=explanation)
+    report = build_report(a, summary, predictor, explanation=explanation)
     d1, d2, d3 = st.columns(3)
     # Full-image PNGs are encoded only when clicked (deferred downloads).
     d1.download_button(
         "Download overlay PNG",
-        lambda: to_png(V.overlay_image(shown.pixels, heat, alpha=alpha)),
+        lambda: to_png(overlay(shown.pixels, heat, alpha=alpha)),
         file_name=f"{stem}_{cam.method}.png",
         mime="image/png",
         on_click="ignore",
@@ -437,17 +465,17 @@ def main() -> None:
     args = _args()
 
     set_threads(args.threads)
-    summary, members = pick_model(args)
+    summary, members, calibration = pick_model(args)
     stamp = Bundle.read(summary.path).stamp()
     try:
-        predictor = load_predictor(str(summary.path), members, args.device, stamp)
+        predictor = load_predictor(str(summary.path), members, calibration, args.device, stamp)
     except (ValueError, OSError, RuntimeError, KeyError) as e:  # BundleError is a ValueError
         st.error(f"Cannot load the bundle {summary.path}: {e}")
         st.stop()
-    model_key = (str(summary.path), members, args.device, stamp)
+    model_key = (str(summary.path), members, calibration, args.device, stamp)
     reference, ref_source = intensity_reference(str(summary.path), stamp, predictor.prep)
     st.sidebar.caption(f"Intensity reference: {ref_source}.")
-    cam_opts = explanation_controls(summary, predictor.device.type)
+    cam_opts = explanation_controls(summary)
     st.sidebar.header("Privacy")
     reveal = st.sidebar.checkbox(
         "Reveal patient identifiers",
@@ -482,7 +510,7 @@ def main() -> None:
         )
         a = ok[i]
     st.subheader(a.name)
-    show_prediction(a, summary)
+    show_prediction(a, summary, predictor)
     view = view_controls(a)
     show_images(a, predictor, summary, view, cam_opts, model_key)
     data = None

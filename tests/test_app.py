@@ -21,7 +21,7 @@ from conftest import pkg_file
 from streamlit.testing.v1 import AppTest
 
 from xraycls import viewer as V
-from xraycls.bundle.format import INTENSITY_FILE, find_bundles
+from xraycls.bundle.format import INTENSITY_FILE, find_bundles, read_oof
 from xraycls.bundle.summary import (
     ThresholdInfo,
     default_members,
@@ -39,6 +39,7 @@ from xraycls.inference.analysis import (
     uncertainty,
     uncertainty_text,
 )
+from xraycls.inference.cam import overlay
 from xraycls.inference.predictor import Predictor
 from xraycls.inference.report import batch_row, build_report, rows_to_csv
 from xraycls.io.display import default_window, display_image, to_png, window_limits
@@ -99,21 +100,31 @@ def test_run_summary_reads_bundle(runs: Path) -> None:
     s = summarize_run(runs / "a")
     assert s.backbone == "resnet50_test" and s.classes == ("plain", "square")
     assert s.fold_members == 2 and s.has_refit and default_members(s) == "folds"
-    assert s.auroc is not None and s.auroc_ci is not None
-    assert s.auroc_ci[0] <= s.auroc <= s.auroc_ci[1]
-    assert s.threshold is not None and s.threshold.describe() == "95%-sensitivity threshold"
-    assert "temperature" in s.calibration_text() and "95%-sensitivity" in s.calibration_text()
+    assert s.cv_auroc is not None and s.cv_auroc_ci is not None
+    assert s.cv_auroc_ci[0] <= s.cv_auroc <= s.cv_auroc_ci[1]
+    # Both servable configurations are calibrated on the holdout, each its own way.
+    assert set(s.served) == {"folds", "refit"}
+    folds = s.served["folds"]
+    assert folds.threshold is not None and folds.threshold.describe() == "95%-sensitivity threshold"
+    assert folds.threshold.sensitivity is not None  # cross-fitted, with an interval
+    assert "holdout images no model of it saw" in s.served_text("folds")
+    assert "95%-sensitivity" in s.served_text("folds") and "(cross-fitted)" in s.served_text(
+        "folds"
+    )
     b = summarize_run(runs / "b")
-    assert b.calibration is None and b.threshold is None and not b.has_refit
-    assert b.calibration_text().startswith("none")
+    assert b.served == {} and not b.has_refit
+    assert "uncalibrated" in b.served_text("folds")
 
 
 def test_auroc_interval_without_model_card_is_bootstrapped(runs: Path, tmp_path: Path) -> None:
     run = tmp_path / "c"
     shutil.copytree(runs / "a", run)
-    (run / "MODEL_CARD.md").unlink()
+    metrics = json.loads((run / "metrics.json").read_text())
+    stored = metrics.pop("pooled_oof_ci")["auroc"]
+    (run / "metrics.json").write_text(json.dumps(metrics))
     s = summarize_run(run)
-    assert s.auroc_ci is not None and s.auroc_ci[0] <= s.auroc <= s.auroc_ci[1]
+    assert s.cv_auroc_ci is not None and s.cv_auroc_ci[0] <= s.cv_auroc <= s.cv_auroc_ci[1]
+    assert s.cv_auroc_ci == pytest.approx((stored["low"], stored["high"]), abs=0.05)
 
 
 # --------------------------------------------------------------------------- viewer: uploads
@@ -232,7 +243,8 @@ def test_intensity_reference_from_the_bundle(
     shutil.copytree(runs / "a", bare)
     (bare / INTENSITY_FILE).unlink(missing_ok=True)
     ref, source = intensity_reference_for_run(bare, predictor.prep)
-    assert ref is not None and ref.n == 24 and "computed from 24 of 24 training images" in source
+    n = len(read_oof(bare).paths)  # the development images (the holdout trains nothing)
+    assert ref is not None and ref.n == n and f"computed from {n} of {n} training images" in source
     stored = tmp_path / "s"
     shutil.copytree(bare, stored)
     (stored / INTENSITY_FILE).write_text(json.dumps(ref.to_dict()))
@@ -275,12 +287,16 @@ def test_identifiers_only_on_request_and_never_in_the_report(
         "Birth date": PATIENT[2],
     }
     assert identifying_fields(_square_png()) == {}
-    report = build_report(a, summarize_run(runs / "a"), members="folds")
+    report = build_report(a, summarize_run(runs / "a"), predictor)
     text = json.dumps(report, allow_nan=False)
     assert not any(x in text for x in PATIENT)
     assert report["prediction"]["decision"] in ("plain", "square")
     assert report["model"]["backbone"] == "resnet50_test" and report["model"]["n_members"] == 2
+    assert report["model"]["served"] == "folds" and report["calibration"]["calibrated"]
     assert report["calibration"]["threshold"]["target"] == "sensitivity"
+    # The report's threshold is the served configuration's, with its cross-fitted rates.
+    assert report["calibration"]["threshold"]["threshold"] == predictor.threshold
+    assert report["calibration"]["threshold"]["sensitivity"]["low"] is not None
     assert report["intended_use"].startswith("Research use only")
     assert report["generated_utc"].endswith("+00:00")
 
@@ -291,11 +307,11 @@ def test_explanation_overlay_on_the_original_grid(predictor: Predictor, rg1: byt
     assert cam.target == a.prediction.predicted and cam.heatmap.shape == (64, 64)
     shown = display_image(a.raw).pixels
     heat = cam.to_original(a.letterbox)
-    rgb = V.overlay_image(shown, heat, alpha=0.5)
+    rgb = overlay(shown, heat, alpha=0.5)
     assert rgb.shape == (1955, 1841, 3) and rgb.dtype == np.uint8
     box = V.zoom_box(shown.shape, 4, (0.0, 1.0))  # top right corner, clamped inside
     assert (box[0].start, box[0].stop, box[1].start, box[1].stop) == (0, 489, 1381, 1841)
-    assert np.array_equal(V.overlay_image(shown[box], heat[box], alpha=0.5), rgb[box])
+    assert np.array_equal(overlay(shown[box], heat[box], alpha=0.5), rgb[box])
     assert V.zoom_box(shown.shape, 1) == (slice(0, 1955), slice(0, 1841))
     assert explain(predictor, a, method="eigencam", target="plain").method == "eigencam"
 
@@ -304,9 +320,10 @@ def test_cam_sizes() -> None:
     assert V.cam_sizes(1024, "swin_tiny") == [1024, 512, 256]
     assert V.cam_sizes(1024, "vit_base_patch16") == [1024]
     assert V.cam_sizes(224, "swin_test") == [224]
-    assert V.default_cam_size(1024, "swin_tiny", "cpu") == 512
-    assert V.default_cam_size(1024, "swin_tiny", "cuda") == 1024
-    assert V.default_cam_size(1024, "vit_base_patch16", "cpu") == 1024
+    # By default the CAM explains the prediction from the same input; smaller is labelled.
+    assert V.default_cam_size(1024) == 1024
+    assert "explains the prediction shown" in V.cam_size_label(1024, 1024)
+    assert V.cam_size_label(512, 1024).startswith("512 px (REDUCED from the model's 1024 px")
 
 
 # --------------------------------------------------------------------------- AppTest
@@ -354,8 +371,8 @@ def test_app_starts_with_banner_and_model_identity(app: AppTest) -> None:
     assert at.warning[0].value.startswith("Research use only. Not a medical device")
     assert "Upload one or more radiographs" in at.info[0].value
     sidebar = "\n".join(m.value for m in at.sidebar.markdown)
-    assert "`resnet50_test` at 64 px" in sidebar and "**OOF AUROC** 0." in sidebar
-    assert "95%-sensitivity threshold" in sidebar
+    assert "`resnet50_test` at 64 px" in sidebar and "(fold models, out of fold) 0." in sidebar
+    assert "**Served** fold ensemble on" in sidebar and "95%-sensitivity threshold" in sidebar
     a, b = at.selectbox(key="run").options
     assert a.startswith("a (resnet50_test, 64 px, AUROC 0.") and b.startswith("b (resnet50_test")
 
@@ -509,7 +526,9 @@ def test_train_stores_the_intensity_reference_the_viewer_reads(tiny_run: Path) -
     predictor = Predictor.from_run(tiny_run)
     ref, where = intensity_reference_for_run(tiny_run, predictor.prep)
     assert ref is not None and where.startswith("stored in the bundle")
-    assert ref.n == len(stored["distances"]) == 24  # every image of the synthetic set
+    assert (
+        ref.n == len(stored["distances"]) == len(read_oof(tiny_run).paths)
+    )  # every training image
 
 
 def test_png_export_is_lossless_and_keeps_colour_order() -> None:

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from xraycls.bundle import BundleError
 from xraycls.bundle.calibration import calibrate_run
-from xraycls.bundle.format import write_bundle_meta
+from xraycls.bundle.format import HOLDOUT_FILE, ServedPredictions, write_bundle_meta, write_served
 from xraycls.cli import app
 from xraycls.evaluation.metrics import delong_test, ece
 from xraycls.io.preprocess import Preprocessing
@@ -90,7 +90,19 @@ def write_run(
                 + [f"{v:.8f}" for v in logits[i]]
                 + [f"{v:.8f}" for v in floor[i]]
             )
-    calibrate_run(run)
+    # compare reads which calibrator the run chose; a copy of the cases stands in for the
+    # holdout the calibration is fitted on (compare itself uses the out-of-fold rows only).
+    write_served(
+        run / HOLDOUT_FILE,
+        ServedPredictions(
+            paths=[f"holdout/{p}" for p in cases["paths"]],
+            groups=np.array([f"h{g}" for g in cases["groups"]]),
+            labels=cases["labels"],
+            classes=classes,
+            logits={"folds": logits},
+        ),
+    )
+    calibrate_run(run, n_boot=100)
     return run
 
 
@@ -151,8 +163,11 @@ def test_report_files(
     out = tmp_path / "report"
     compare_runs(runs, out, n_boot=100, log=lambda m: None)
     md = (out / "report.md").read_text()
-    table = [line for line in md.splitlines() if line.startswith("| ")]
-    assert len(table) == 1 + 3  # header + two runs + floor
+    tables = md.split("\n\n")
+    main = next(b for b in tables if b.startswith("| model | params"))
+    assert len(main.splitlines()) == 2 + 3  # header, rule, two runs and the floor
+    per_class = next(b for b in tables if "ECE / intercept / slope" in b)
+    assert len(per_class.splitlines()) == 2 + 3 and "PNEUMONIA: ECE" in per_class
     assert "**resnet**" in md and FLOOR in md and "p = " in md
     assert json.loads((out / "report.json").read_text())["n_images"] == 240
     for png in ("roc.png", "reliability.png"):

@@ -65,6 +65,33 @@ def test_monochrome1_inversion_happens_after_voi() -> None:
     assert np.allclose(render(raw).pixels, expected, atol=1e-6)
 
 
+@pytest.mark.parametrize(
+    ("photometric", "shape", "inverted"),
+    [
+        ("MONOCHROME2", "INVERSE", True),  # the Presentation LUT inverts the display
+        ("MONOCHROME2", "IDENTITY", False),
+        ("MONOCHROME1", "INVERSE", True),  # DX's required pairing: one inversion, not two
+        ("MONOCHROME1", None, True),
+    ],
+)
+def test_presentation_lut_shape_inverse_is_honoured(
+    tmp_path: Path, photometric: str, shape: str | None, inverted: bool
+) -> None:
+    ds = pydicom.dcmread(pkg_file("CT_small.dcm"))
+    ds.PhotometricInterpretation = photometric
+    ds.WindowCenter, ds.WindowWidth = 40, 400
+    if shape is not None:
+        ds.PresentationLUTShape = shape
+    path = tmp_path / "x.dcm"
+    ds.save_as(path)
+    raw = load_image(path)
+    c, w = raw.meta.header_window
+    windowed = apply_window(raw.values, c, w)
+    expected = 1.0 - windowed if inverted else windowed
+    assert np.allclose(render(raw).pixels, expected, atol=1e-6)
+    assert ("inverted" in render(raw).meta.window_applied) == inverted
+
+
 # ------------------------------------------------------------------- VOI / modality LUT
 
 

@@ -76,18 +76,18 @@ def test_evaluate_writes_metrics_with_cis_and_plots(
     root = shared_data / "cxr-pneumonia-224"
     with (root / "labels.csv").open() as f:
         rows = list(csv.DictReader(f))
-    picked = [r for r in rows if r["label"] == "NORMAL"][:12] + [
+    picked = [r for r in rows if r["label"] == "NORMAL"][:30] + [
         r for r in rows if r["label"] == "PNEUMONIA"
-    ][:12]
+    ][:30]
     bad = tmp_path / "page.dcm"
     bad.write_text("<html></html>")
     labels = tmp_path / "test.csv"
     with labels.open("w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["path", "label", "patient_id"])
+        w.writerow(["path", "label", "patient_id", "subtype"])
         for r in picked:
-            w.writerow([str(root / r["path"]), r["label"], r["patient_id"]])
-        w.writerow([str(bad), "NORMAL", "X"])
+            w.writerow([str(root / r["path"]), r["label"], r["patient_id"], r["subtype"]])
+        w.writerow([str(bad), "NORMAL", "X", "normal"])
     res = CliRunner().invoke(
         app,
         [
@@ -99,20 +99,67 @@ def test_evaluate_writes_metrics_with_cis_and_plots(
             str(tmp_path / "e"),
             "--n-boot",
             "50",
+            "--by",
+            "subtype",
         ],
     )
     assert res.exit_code == 0, res.output
     report = json.loads((tmp_path / "e" / "metrics.json").read_text())
-    assert report["n_images"] == 24 and report["n_errors"] == 1
+    assert report["n_images"] == 60 and report["n_errors"] == 1
     auc = report["calibrated"]["auroc"]
     assert auc["low"] <= auc["value"] <= auc["high"]
-    assert "at_threshold" in report and "ece" in report["uncalibrated"]
-    for png in ("roc.png", "pr.png", "reliability.png", "confusion.png"):
+    assert "ece" in report["uncalibrated"] and report["served"]["configuration"] == "folds"
+    # Decisions at the stored threshold (the served configuration's) beside argmax, with CIs.
+    at = report["at_threshold"]
+    assert at["threshold"] == Predictor.from_run(run, device="cpu").threshold
+    assert at["sensitivity"]["low"] <= at["sensitivity"]["value"] <= at["sensitivity"]["high"]
+    assert sum(at["counts"].values()) == 60 and "sensitivity" in report["argmax"]
+    # Calibration per class: intercept and slope, reliability bins with intervals.
+    assert {"intercept", "slope"} <= set(report["calibration"])
+    rel = report["per_class"]["PNEUMONIA"]["reliability"]
+    assert sum(b["n"] for b in rel) == 60 and all(b["observed_low"] <= b["observed"] for b in rel)
+    # Decision curve against treat-all / treat-none.
+    dc = report["decision_curve"]
+    assert len(dc["threshold"]) == len(dc["model"]) == len(dc["treat_all"]) == 99
+    assert dc["treat_all"][0] == pytest.approx(0.5 - 0.5 * 0.01 / 0.99)
+    # Subgroups by subtype, with intervals where there are enough images.
+    groups = report["subgroups"]["subtype"]
+    assert set(groups) == {"normal", "bacteria", "virus"}
+    assert sum(g["n_images"] for g in groups.values()) == 60
+    assert all("flags" in g or "note" in g for g in groups.values())
+    for png in ("roc.png", "pr.png", "reliability.png", "confusion.png", "decision_curve.png"):
         assert (tmp_path / "e" / png).stat().st_size > 1000
     with (tmp_path / "e" / "predictions.csv").open() as f:
         preds = list(csv.DictReader(f))
     assert (
-        len(preds) == 25
+        len(preds) == 61
         and preds[-1]["status"] == "error"
         and preds[-1]["error"].startswith("not_dicom")
     )
+    assert {"ood", "ood_reasons", "label", "subtype", "prob_PNEUMONIA"} <= set(preds[0])
+
+
+def test_predict_flags_adult_films_scored_by_a_pediatric_bundle(
+    run: Path, shared_data: Path, tmp_path: Path
+) -> None:
+    """Adult chest CR/DX films scored by a bundle trained on the Kermany children are not
+    ordinary rows: the ood column flags them and says why; the summary counts them."""
+    from typer.testing import CliRunner
+
+    from xraycls.cli import app
+
+    out = tmp_path / "r.csv"
+    res = CliRunner().invoke(
+        app,
+        ["predict", str(shared_data / "dicom" / "chest_cr"), "--run", str(run), "--out", str(out),
+         "--workers", "0"],
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    rows = list(csv.DictReader(out.open()))
+    assert len(rows) == 6 and all(r["status"] == "ok" for r in rows)
+    assert all(r["ood"] == "flagged" for r in rows)
+    rg1 = next(r for r in rows if r["path"].endswith("RG1_UNCI.dcm"))
+    assert (
+        "Patient age 64 years is outside the training population's 1-5 years" in rg1["ood_reasons"]
+    )
+    assert "6 flagged out-of-distribution" in " ".join(res.output.split())

@@ -166,7 +166,8 @@ def test_smoke_train_writes_a_valid_bundle(shared_data: Path, tmp_path: Path) ->
     assert (out / "calibration.json").is_file()
     card = (out / "MODEL_CARD.md").read_text()
     assert "Not a medical device" in card and "floor: logistic regression on 32x32 pixels" in card
-    assert "DeLong p =" in card and "ECE (15 bins)" in card
+    assert "DeLong p =" in card and "Top-label ECE" in card and "calibration slope" in card
+    assert "on patients none of its models saw" in card
     assert 0.0 <= metrics["pooled_oof"]["auroc"] <= 1.0 and len(metrics["folds"]) == 2
     assert 0.5 < metrics["floor_logreg_32px"]["auroc"] <= 1.0  # the 32x32 floor, same folds
     assert result.metrics["n_images"] == metrics["n_images"]
@@ -201,19 +202,25 @@ def test_smoke_train_writes_a_valid_bundle(shared_data: Path, tmp_path: Path) ->
     order = [by_path[table.paths[i]] for i in fold0]
     assert np.allclose(logits, stored[order], atol=1e-4), np.abs(logits - stored[order]).max()
 
-    # Calibration was fitted on the OOF logits; the CLI refits it with another method.
+    # The served fold ensemble was calibrated on the holdout, which no model trained on; the
+    # CLI refits it with another method.
     from xraycls.cli import app
-    from xraycls.evaluation.calibration import load_calibration
 
-    cal, extra = load_calibration(out / "calibration.json")
-    assert cal.method == "temperature" and extra["classes"] == ["NORMAL", "PNEUMONIA"]
-    assert metrics["calibration"]["after_crossfit"]["ece"] >= 0
+    cal = json.loads((out / "calibration.json").read_text())
+    folds_csv = list(csv.DictReader((out / "folds.csv").open()))
+    held = {r["path"] for r in folds_csv if r["fold"] == "holdout"}
+    assert held and not held & {r["path"] for r in oof}  # never in any fold
+    entry = cal["configurations"]["folds"]
+    assert cal["default"] == "folds" and entry["data"]["n_images"] == len(held)
+    assert entry["method"] in ("temperature", "platt")
+    assert set(entry["selection"]["candidates"]) == {"temperature", "platt"}
+    assert metrics["served"]["configurations"]["folds"]["ece"]["value"] >= 0
     res = CliRunner().invoke(
         app, ["calibrate", str(out), "--method", "platt", "--target", "youden"]
     )
     assert res.exit_code == 0, res.output
-    assert load_calibration(out / "calibration.json")[0].method == "platt"
-    assert "threshold" in json.loads((out / "metrics.json").read_text())["calibration"]
+    entry = json.loads((out / "calibration.json").read_text())["configurations"]["folds"]
+    assert entry["method"] == "platt" and entry["threshold"]["target"] == "youden"
     res = CliRunner().invoke(app, ["calibrate", str(tmp_path)])
     assert res.exit_code == 2 and "not a complete run bundle" in " ".join(res.output.split())
 

@@ -40,8 +40,10 @@ class ResizeChoice(StrEnum):
 
 
 class CalibrationChoice(StrEnum):
+    auto = "auto"
     temperature = "temperature"
     platt = "platt"
+    vector = "vector"
     isotonic = "isotonic"
 
 
@@ -200,37 +202,82 @@ def train(
 def calibrate(
     run_dir: Annotated[Path, typer.Argument(help="A finished `xraycls train` run folder.")],
     method: Annotated[
-        CalibrationChoice, typer.Option(help="platt/isotonic: binary only.")
-    ] = CalibrationChoice.temperature,
+        CalibrationChoice,
+        typer.Option(help="auto: chosen by cross-fitted NLL. platt: 2 classes; vector: 3+."),
+    ] = CalibrationChoice.auto,
     target: Annotated[
         TargetChoice, typer.Option(help="How the binary operating point is chosen.")
     ] = TargetChoice.sensitivity,
     value: Annotated[
         float | None, typer.Option(help="Target rate for sensitivity/specificity.")
     ] = 0.95,
+    on: Annotated[
+        Path | None,
+        typer.Option(help="A site's labelled CSV: fit a new, named site calibration on it."),
+    ] = None,
+    name: Annotated[
+        str | None, typer.Option(help="Name of the site calibration (with --on).")
+    ] = None,
+    members: Annotated[
+        MembersChoice, typer.Option(help="The configuration to calibrate on the site (--on).")
+    ] = MembersChoice.auto,
+    label_column: Annotated[
+        str | None, typer.Option(help="Label column of --on (default: the run's).")
+    ] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, ... (with --on)")] = "auto",
+    n_boot: Annotated[int, typer.Option(help="Bootstrap resamples for the 95% CIs.")] = 1000,
 ) -> None:
-    """Refit the run's calibration (and binary operating threshold) on its out-of-fold logits."""
-    from xraycls.bundle import BundleError
-    from xraycls.bundle.calibration import calibrate_run
-    from xraycls.bundle.card import write_model_card
+    """Refit what the run serves: its calibration and operating threshold, on its holdout.
 
+    With --on SITE.csv --name SITE, fit a site calibration on a hospital's own labelled images
+    instead; it is stored beside the bundle's (never over it) and chosen with --calibration SITE.
+    Either way the operating point printed is cross-fitted: measured on patients that neither
+    the calibrator nor the threshold was fitted on.
+    """
+    from xraycls.bundle import BundleError
+    from xraycls.bundle.calibration import calibrate_run, served_line
+    from xraycls.bundle.card import write_model_card
+    from xraycls.io.manifest import LabelsError
+
+    rate = None if target is TargetChoice.youden else value
+    log = lambda m: console.print(m, markup=False, highlight=False)  # noqa: E731
     try:
+        if on is not None:
+            if not name:
+                raise typer.BadParameter("--on needs --name SITE", param_hint="--name")
+            from xraycls.reports.site import calibrate_site
+
+            calibrate_site(
+                run_dir,
+                on,
+                name,
+                members=members.value,  # type: ignore[arg-type]
+                label_column=label_column,
+                method=method.value,  # type: ignore[arg-type]
+                threshold_target=target.value,  # type: ignore[arg-type]
+                threshold_value=rate,
+                device=device,
+                n_boot=n_boot,
+                log=log,
+            )
+            typer.echo(
+                f"calibrate: site calibration {name!r} -> {run_dir / 'calibrations' / name}.json"
+            )
+            return
         cal = calibrate_run(
             run_dir,
             method=method.value,  # type: ignore[arg-type]
             threshold_target=target.value,  # type: ignore[arg-type]
-            threshold_value=None if target is TargetChoice.youden else value,
+            threshold_value=rate,
+            n_boot=n_boot,
         )
-        write_model_card(run_dir)
-    except (BundleError, ValueError) as e:
+        write_model_card(run_dir, n_boot=n_boot)
+    except (BundleError, LabelsError, ValueError, OSError) as e:
         console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from e
-    line = f"calibrate: {cal['method']}: ECE {cal['before']['ece']:.4f} -> {cal['after_crossfit']['ece']:.4f} (cross-fitted)"
-    if "threshold" in cal:
-        t = cal["threshold"]
-        at = t["oof_at_threshold"]
-        line += f"; threshold {t['threshold']:.4f} (OOF sensitivity {at['sensitivity']:.3f}, specificity {at['specificity']:.3f})"
-    typer.echo(f"{line} -> {run_dir / 'calibration.json'}")
+    for configuration, entry in cal["configurations"].items():
+        typer.echo(f"calibrate: {served_line(configuration, entry)}")
+    typer.echo(f"calibrate: -> {run_dir / 'calibration.json'} (default: {cal['default']})")
 
 
 @app.command()
@@ -246,11 +293,19 @@ def evaluate(
     members: Annotated[
         MembersChoice, typer.Option(help="Refit weights, fold ensemble, or the bundle's default.")
     ] = MembersChoice.auto,
+    calibration: Annotated[
+        str | None, typer.Option(help="A site calibration's name (default: the bundle's).")
+    ] = None,
+    by: Annotated[
+        list[str] | None,
+        typer.Option(help="A column of --data to report subgroups by (repeatable)."),
+    ] = None,
     batch_size: Annotated[int, typer.Option(help="Images per model batch.")] = 16,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, ...")] = "auto",
     n_boot: Annotated[int, typer.Option(help="Bootstrap resamples for the 95% CIs.")] = 1000,
 ) -> None:
-    """Score a labelled set with the bundle's calibration and threshold; metrics with CIs + plots."""
+    """Score a labelled set with the served model: discrimination, calibration per class,
+    decisions at the stored threshold and at argmax, a decision curve and subgroups, with CIs."""
     from xraycls.bundle import BundleError
     from xraycls.io.manifest import LabelsError
     from xraycls.reports.evaluate import evaluate_run
@@ -263,6 +318,8 @@ def evaluate(
             target,
             label_column=label_column,
             members=members.value,  # type: ignore[arg-type]
+            calibration=calibration,
+            by=by or [],
             batch_size=batch_size,
             device=device,
             n_boot=n_boot,
@@ -271,6 +328,12 @@ def evaluate(
     except (BundleError, LabelsError, ValueError, OSError) as e:
         console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from e
+    try:  # the bundle's model card lists its external evaluations
+        from xraycls.bundle.card import write_model_card
+
+        write_model_card(run_dir)
+    except (BundleError, ValueError, OSError) as e:
+        console.print(f"[yellow]warning:[/yellow] model card not updated: {e}")
     typer.echo(f"evaluate: -> {target / 'metrics.json'}")
 
 
@@ -421,8 +484,12 @@ def predict(
         bool, typer.Option("--parquet", help="Also write the results as Parquet at the end.")
     ] = False,
     members: Annotated[
-        MembersChoice, typer.Option(help="Refit weights, fold ensemble, or refit if present.")
+        MembersChoice,
+        typer.Option(help="Fold ensemble, refit model, or the bundle's default (auto)."),
     ] = MembersChoice.auto,
+    calibration: Annotated[
+        str | None, typer.Option(help="A site calibration's name (default: the bundle's).")
+    ] = None,
     engine: Annotated[
         EngineChoice, typer.Option(help="local (DataLoader) or ray (Ray Data).")
     ] = EngineChoice.local,
@@ -446,6 +513,7 @@ def predict(
                 out,
                 run=run,
                 members=members.value,  # type: ignore[arg-type]
+                calibration=calibration,
                 device=device,
                 workers=workers,
                 batch_size=batch_size,

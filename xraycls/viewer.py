@@ -8,8 +8,6 @@ out-of-distribution checks (:mod:`xraycls.io.ood`) and the exports (:mod:`xraycl
 
 from __future__ import annotations
 
-import numpy as np
-
 
 def cam_sizes(image_size: int, backbone: str) -> list[int]:
     """CAM input sizes to offer: the model's, and 512/256 px below it (not for ViT, whose
@@ -18,19 +16,21 @@ def cam_sizes(image_size: int, backbone: str) -> list[int]:
     return [image_size, *smaller]
 
 
-def default_cam_size(image_size: int, backbone: str, device: str) -> int:
-    """The model's input size on a GPU; on a CPU at most 512 px (a 1024-px CAM costs ~4x more
-    time and memory than a 512-px one, 9 s and 6 GB for Swin-T on two cores)."""
-    sizes = cam_sizes(image_size, backbone)
-    return 512 if device != "cuda" and 512 in sizes else image_size
+def default_cam_size(image_size: int) -> int:
+    """The model's own input size: the map then explains the prediction that was shown, from
+    the same input. A smaller size is offered as an explicit, labelled choice
+    (:func:`cam_size_label`): faster, but computed on a scale the model never saw."""
+    return image_size
 
 
-def overlay_image(display: np.ndarray, heatmap: np.ndarray, *, alpha: float = 0.4) -> np.ndarray:
-    """A heatmap on the original pixel grid (:meth:`CamResult.to_original`) blended over the
-    displayed (windowed) image or the same crop of both: HxWx3 uint8."""
-    from xraycls.inference.cam import overlay
-
-    return overlay(display, heatmap, alpha=alpha)
+def cam_size_label(cam_size: int, image_size: int) -> str:
+    """How a CAM size is named on screen and in exports."""
+    if cam_size == image_size:
+        return f"{cam_size} px (the model's input: explains the prediction shown)"
+    return (
+        f"{cam_size} px (REDUCED from the model's {image_size} px: faster, coarser, computed on "
+        "a scale the model never saw; an approximation of the explanation)"
+    )
 
 
 def zoom_box(

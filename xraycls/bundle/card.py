@@ -1,8 +1,13 @@
 """``MODEL_CARD.md`` for a run bundle, generated from the bundle's own files.
 
-Headline numbers carry 95% intervals from a patient-level stratified bootstrap of the pooled
-out-of-fold predictions, and binary runs are compared with the 32x32 logistic-regression floor
-on the same folds (DeLong test), so a reader sees what the model adds over a trivial baseline.
+Two kinds of numbers, labelled for what they are:
+
+- **Cross-validation** (the fold models, each on the patients it did not train on): how well the
+  recipe discriminates, beside the 32x32 logistic-regression floor on the same folds (DeLong).
+- **The served model** (fold ensemble, refit model), on the calibration holdout that none of
+  its models saw: discrimination, calibration per class and the operating point, each
+  cross-fitted (see :mod:`xraycls.bundle.calibration`) with patient-level intervals. Site
+  calibrations and external evaluations (``xraycls evaluate``) are listed when present.
 """
 
 from __future__ import annotations
@@ -19,121 +24,261 @@ from xraycls.bundle.format import CARD_FILE, METRICS_FILE, OOF_FILE, Bundle, Bun
 from xraycls.evaluation.metrics import FAST_METRICS, bootstrap_ci, delong_test, softmax
 from xraycls.io.files import write_json_atomic, write_text_atomic
 
+INTENDED_USE = (
+    "Research use only. Not a medical device: not for diagnosis, triage or patient management; "
+    "every output must be reviewed by a qualified reader."
+)
+_NAMES = {"folds": "fold ensemble", "refit": "refit model"}
+
 
 def _num(value: float | None, digits: int = 3) -> str:
     """A metric for the card; undefined ones (e.g. PPV with no positive calls) read "n/a"."""
     return "n/a" if value is None or not np.isfinite(value) else f"{value:.{digits}f}"
 
 
+def _ci(d: dict[str, float] | None, digits: int = 3) -> str:
+    if not d or d.get("value") is None or not np.isfinite(d["value"]):
+        return "n/a"
+    return f"{d['value']:.{digits}f} [{_num(d.get('low'), digits)}, {_num(d.get('high'), digits)}]"
+
+
 def write_model_card(run_dir: str | Path, *, n_boot: int = 1000) -> Path:
     """Write ``RUN_DIR/MODEL_CARD.md`` and return its path.
 
-    The headline intervals are also stored, as numbers, in ``metrics.json`` under
+    The cross-validation intervals are also stored, as numbers, in ``metrics.json`` under
     ``pooled_oof_ci`` and ``floor_ci`` (what the viewer and reports read).
     """
     bundle = Bundle.read(run_dir)
-    run = bundle.path
-    config = bundle.config_yaml()
     metrics = bundle.metrics()
     oof = bundle.oof()
-    probs = softmax(oof.logits)
     if oof.floor is None:
-        raise BundleError(f"{run / OOF_FILE}: no floor_prob_* columns")
-    floor = oof.floor
-    classes = oof.classes
-    intervals: dict[str, dict[str, dict[str, float]]] = {"pooled_oof_ci": {}, "floor_ci": {}}
-
-    def ci(p: np.ndarray, name: str) -> str:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            v, lo, hi = bootstrap_ci(
-                FAST_METRICS[name], p, oof.labels, groups=oof.groups, n_boot=n_boot
-            )
-        key = "floor_ci" if p is floor else "pooled_oof_ci"
-        intervals[key][name] = {"value": v, "low": lo, "high": hi, "n_boot": n_boot}
-        return f"{v:.3f} [{lo:.3f}, {hi:.3f}]"
-
-    counts = {c: int(np.sum(oof.labels == i)) for i, c in enumerate(classes)}
-    cal = metrics.get("calibration")
+        raise BundleError(f"{bundle.path / OOF_FILE}: no floor_prob_* columns")
+    cv_lines, intervals = _cross_validation(bundle, metrics, oof, n_boot)
     lines = [
-        f"# Model card: {bundle.model} ({run.name})",
+        f"# Model card: {bundle.model} ({bundle.path.name})",
         "",
-        f"Generated {datetime.now(UTC):%Y-%m-%d %H:%M} UTC by xraycls {bundle.xraycls_version} from the files of this bundle.",
+        f"Generated {datetime.now(UTC):%Y-%m-%d %H:%M} UTC by xraycls {bundle.xraycls_version} "
+        "from the files of this bundle.",
         "",
-        "## Intended use and limitations",
+        *_intended_use(bundle, metrics, oof),
+        *_model(bundle),
+        *cv_lines,
+        *_served(bundle),
+        *_site_calibrations(bundle),
+        *_external(bundle),
+        "## Training configuration",
         "",
-        "- **Research use only. Not a medical device**; not for diagnosis or patient management.",
-        f"- Trained and cross-validated on `{bundle.training_data()}`: {len(oof.labels)} images of "
-        f"{len(np.unique(oof.groups))} patients. Performance on other populations, devices or "
-        "views is unknown until measured (`xraycls evaluate`).",
+        "```yaml",
+        bundle.config_yaml().rstrip(),
+        "```",
+        "",
+        f"Device {metrics.get('device')}, precision {metrics.get('amp')}; "
+        f"{_num(metrics.get('train_seconds_per_image'), 4)} s per training image-epoch, "
+        f"{_num(metrics.get('inference_seconds_per_image'), 4)} s per image at inference.",
+        "",
+    ]
+    path = bundle.path / CARD_FILE
+    write_text_atomic(path, "\n".join(lines))
+    metrics_path = bundle.path / METRICS_FILE
+    stored = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
+    write_json_atomic(metrics_path, stored | intervals)
+    return path
+
+
+def _intended_use(bundle: Bundle, metrics: dict[str, Any], oof: Any) -> list[str]:
+    n_hold = metrics.get("n_holdout_images", 0)
+    return [
+        "## Intended use, data and limitations",
+        "",
+        f"- **{INTENDED_USE}**",
+        f"- Trained on `{bundle.training_data()}`: {len(oof.labels)} images of "
+        f"{len(np.unique(oof.groups))} patients in patient-grouped cross-validation, plus "
+        f"{n_hold} images held out (never trained on) to calibrate the served model.",
+        "- Performance on other populations, devices, views or sites is unknown until measured "
+        "(`xraycls evaluate`); thresholds do not transfer between hospitals without checking "
+        "(`xraycls calibrate RUN --on SITE.csv --name SITE`).",
         "- If the data is the Kermany pediatric pneumonia set: children aged 1-5, AP views, one "
         "hospital; the set has acquisition shortcuts (a logistic regression on 32x32 pixels is "
         "already strong, see below). Do not expect these numbers on adult or external data.",
         "",
+    ]
+
+
+def _model(bundle: Bundle) -> list[str]:
+    counts = ", ".join(bundle.classes)
+    return [
         "## Model",
         "",
         f"- Backbone `{bundle.model}`, input {bundle.image_size}x{bundle.image_size} "
         f"({bundle.preprocessing.resize}, window `{bundle.preprocessing.window}`), "
         f"normalisation mean {list(bundle.normalization[0])} / std {list(bundle.normalization[1])}.",
-        f"- Weights: {'`weights.safetensors` (refit on all data) and ' if bundle.refit_weights else ''}"
-        f"{len(bundle.fold_weights)} fold models (`fold*/weights.safetensors`).",
-        f"- Classes: {', '.join(f'{c} ({counts[c]})' for c in classes)}.",
+        f"- Served by default: the **{_NAMES.get(bundle.default_members(), '?')}** "
+        f"({len(bundle.fold_weights)} fold models, mean logits)"
+        + (
+            "; the refit model (`weights.safetensors`) on request (`--members refit`)."
+            if bundle.refit_weights
+            else "."
+        ),
+        f"- Classes: {counts}.",
         "",
-        "## Evaluation (pooled out-of-fold, patient-grouped CV)",
+    ]
+
+
+def _cross_validation(
+    bundle: Bundle, metrics: dict[str, Any], oof: Any, n_boot: int
+) -> tuple[list[str], dict[str, Any]]:
+    probs, floor = softmax(oof.logits), oof.floor
+    intervals: dict[str, dict[str, dict[str, float]]] = {"pooled_oof_ci": {}, "floor_ci": {}}
+
+    def ci(p: np.ndarray, name: str, key: str) -> str:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            v, lo, hi = bootstrap_ci(
+                FAST_METRICS[name], p, oof.labels, groups=oof.groups, n_boot=n_boot
+            )
+        intervals[key][name] = {"value": v, "low": lo, "high": hi, "n_boot": n_boot}
+        return f"{v:.3f} [{lo:.3f}, {hi:.3f}]"
+
+    names = ("auroc", "accuracy", "sensitivity", "specificity", "balanced_accuracy")
+    model_row = " | ".join(ci(probs, n, "pooled_oof_ci") for n in names)
+    floor_row = " | ".join(ci(floor, n, "floor_ci") for n in names)
+    lines = [
+        "## Cross-validation (fold models, out of fold)",
         "",
-        f"{len(metrics['folds'])}-fold `StratifiedGroupKFold` by patient; early stopping and checkpoint choice used an inner "
-        "patient-grouped split of each training fold only. 95% intervals: patient-level stratified bootstrap "
-        f"({n_boot} resamples).",
+        f"{len(metrics.get('folds', []))}-fold `StratifiedGroupKFold` by patient on the "
+        "development data; early stopping and checkpoint choice used an inner patient-grouped "
+        "split of each training fold only. Each image is scored by the fold model that did not "
+        "train on it, uncalibrated, decided by argmax. These numbers describe the recipe; the "
+        f"served model is below. 95% intervals: patient-level stratified bootstrap ({n_boot}).",
         "",
         "| | AUROC | accuracy | sensitivity | specificity | balanced accuracy |",
         "|---|---|---|---|---|---|",
-        f"| model | {ci(probs, 'auroc')} | {ci(probs, 'accuracy')} | {ci(probs, 'sensitivity')} | {ci(probs, 'specificity')} | {ci(probs, 'balanced_accuracy')} |",
-        f"| floor: logistic regression on 32x32 pixels | {ci(floor, 'auroc')} | {ci(floor, 'accuracy')} | {ci(floor, 'sensitivity')} | {ci(floor, 'specificity')} | {ci(floor, 'balanced_accuracy')} |",
+        f"| fold models | {model_row} |",
+        f"| floor: logistic regression on 32x32 pixels | {floor_row} |",
         "",
     ]
-    if len(classes) == 2:
+    if len(oof.classes) == 2:
         d = delong_test(oof.labels, probs[:, 1], floor[:, 1])
         lines += [
-            f"Model minus floor, AUROC: {d['diff']:+.3f} (95% CI {d['ci_low']:+.3f} to {d['ci_high']:+.3f}), "
-            f"DeLong p = {d['p_value']:.3g} (image level).",
+            f"Model minus floor, AUROC: {d['diff']:+.3f} (95% CI {d['ci_low']:+.3f} to "
+            f"{d['ci_high']:+.3f}), DeLong p = {d['p_value']:.3g} (image level).",
             "",
         ]
-    if cal:
-        lines += [
-            "## Calibration",
-            "",
-            f"- `{cal['method']}` fitted on the pooled out-of-fold logits (`calibration.json`), applied by every consumer.",
-            f"- ECE (15 bins): {cal['before']['ece']:.4f} uncalibrated -> {cal['after_crossfit']['ece']:.4f} "
-            "calibrated (cross-fitted: each fold scored by a calibrator fitted on the other folds).",
-        ]
-        if "threshold" in cal:
-            t = cal["threshold"]
-            at = t["oof_at_threshold"]
+    else:
+        for c, name in enumerate(oof.classes):
+            d = delong_test((oof.labels == c).astype(int), probs[:, c], floor[:, c])
             lines.append(
-                f"- Operating threshold {t['threshold']:.4f} on P({t['positive']}) for target {t['target']} "
-                f"{t['value']}: OOF sensitivity {_num(at['sensitivity'])}, "
-                f"specificity {_num(at['specificity'])}, PPV {_num(at['ppv'])}, NPV {_num(at['npv'])}."
+                f"- {name} vs rest, model minus floor AUROC {d['diff']:+.3f} "
+                f"({d['ci_low']:+.3f} to {d['ci_high']:+.3f}), DeLong p = {d['p_value']:.3g}"
             )
         lines.append("")
-    lines += [
-        "## Training configuration",
+    return lines, intervals
+
+
+def _served(bundle: Bundle) -> list[str]:
+    data = bundle.calibration() if bundle.file("calibration.json").exists() else None
+    if not data:
+        return [
+            "## The served model",
+            "",
+            "**Uncalibrated.** This bundle has no calibration holdout (`cv.calibration_holdout: "
+            "0`): its probabilities are raw softmax outputs, no operating threshold is stored, "
+            "and no number here describes the served model on data it never saw.",
+            "",
+        ]
+    lines = ["## The served model, on patients none of its models saw", ""]
+    for name, entry in data["configurations"].items():
+        lines += configuration_section(name, entry, default=name == data.get("default"))
+    return lines
+
+
+def configuration_section(name: str, entry: dict[str, Any], *, default: bool) -> list[str]:
+    """The card's section for one calibrated configuration (bundle or site calibration)."""
+    v, d = entry["validation"], entry["data"]
+    title = _NAMES.get(name, name) + (" (served by default)" if default else "")
+    sel = ", ".join(f"{m} {s:.4f}" for m, s in entry["selection"]["candidates"].items())
+    lines = [
+        f"### {title}",
         "",
-        "```yaml",
-        config.rstrip(),
-        "```",
+        f"Calibration data: {d['n_images']} images of {d['n_patients']} patients "
+        f"({d['source']}; {', '.join(f'{c} {n}' for c, n in d['class_counts'].items())}). "
+        f"Validation: {v['protocol']}.",
         "",
-        f"Device {metrics.get('device')}, precision {metrics.get('amp')}; "
-        f"{metrics.get('train_seconds_per_image', float('nan')):.4f} s per training image-epoch, "
-        f"{metrics.get('inference_seconds_per_image', float('nan')):.4f} s per image at inference.",
+        f"- Discrimination: AUROC {_ci(v['auroc'])}.",
+        f"- Calibrator: `{entry['method']}`, chosen by {entry['selection']['criterion']} ({sel}).",
+        f"- Top-label ECE {_ci(v['ece_uncalibrated'])} uncalibrated -> {_ci(v['ece'])} "
+        f"calibrated; Brier {_ci(v['brier'])}; NLL {_ci(v['nll'])}.",
+        "",
+        "| class | P(class) ECE | calibration intercept | calibration slope | observed rate | "
+        "mean predicted |",
+        "|---|---|---|---|---|---|",
+    ]
+    for c, pc in v["per_class"].items():
+        lines.append(
+            f"| {c} | {_ci(pc['ece'])} | {_num(pc['intercept'], 2)} | {_num(pc['slope'], 2)} | "
+            f"{_num(pc['observed_rate'])} | {_num(pc['mean_predicted'])} |"
+        )
+    lines.append("")
+    t = entry.get("threshold")
+    if t:
+        at = v["at_threshold"]
+        target = "Youden" if t["target"] == "youden" else f"{t['value']:.0%} {t['target']}"
+        lines += [
+            f"- Operating threshold {t['threshold']:.4f} on P({t['positive']}) (target: "
+            f"{target}). Cross-fitted (each part thresholded by a threshold chosen on the "
+            f"others): sensitivity {_ci(at['sensitivity'])}, specificity "
+            f"{_ci(at['specificity'])}, PPV {_num(at['ppv'])}, NPV {_num(at['npv'])}.",
+            "",
+        ]
+    return lines
+
+
+def _site_calibrations(bundle: Bundle) -> list[str]:
+    names = bundle.site_calibrations()
+    if not names:
+        return []
+    lines = [
+        "## Site calibrations",
+        "",
+        "Refitted on a site's own labelled images (`xraycls calibrate RUN --on CSV --name SITE`);"
+        " choose one with `--calibration SITE`. The bundle's own calibration is unchanged.",
         "",
     ]
-    path = run / CARD_FILE
-    write_text_atomic(path, "\n".join(lines))
-    _store_intervals(run, intervals)
-    return path
+    for site in names:
+        data = bundle.calibration(site)
+        assert data is not None
+        lines += [f"### {site} (`{data.get('labels', '?')}`)", ""]
+        for name, entry in data["configurations"].items():
+            lines += configuration_section(name, entry, default=False)
+    return lines
 
 
-def _store_intervals(run: Path, intervals: dict[str, Any]) -> None:
-    path = run / METRICS_FILE
-    metrics = json.loads(path.read_text()) if path.exists() else {}
-    write_json_atomic(path, metrics | intervals)
+def _external(bundle: Bundle) -> list[str]:
+    reports = sorted(bundle.path.glob("eval-*/metrics.json"))
+    if not reports:
+        return []
+    lines = [
+        "## External evaluations (`xraycls evaluate`)",
+        "",
+        "| data | images | AUROC | calibration intercept / slope | at the stored threshold |",
+        "|---|---|---|---|---|",
+    ]
+    for path in reports:
+        try:
+            r = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        cal = r.get("calibration", {})
+        at = r.get("at_threshold") or {}
+        lines.append(
+            f"| `{r.get('data', '?')}` | {r.get('n_images', '?')} | "
+            f"{_ci(r.get('calibrated', {}).get('auroc'))} | "
+            f"{_num(cal.get('intercept'), 2)} / {_num(cal.get('slope'), 2)} | "
+            + (
+                f"sensitivity {_ci(at.get('sensitivity'))}, specificity {_ci(at.get('specificity'))}"
+                if at
+                else "n/a"
+            )
+            + " |"
+        )
+    return [*lines, ""]

@@ -10,8 +10,12 @@ A bundle is a folder. Everything that decides a prediction lives in it, never in
 ``fold{k}/weights.safetensors``  one model per cross-validation fold
 ``weights.safetensors``          a model refit on all data (``cv.refit``), optional
 ``oof_predictions.csv``          pooled out-of-fold logits, probabilities and the floor's
+``holdout_predictions.csv``      the served models' logits on the calibration holdout: patients
+                                 no model of the bundle trained on
 ``metrics.json``                 per-fold and pooled metrics, intervals, calibration summary
-``calibration.json``             the served calibration and operating threshold
+``calibration.json``             per served configuration (fold ensemble, refit): calibrator,
+                                 operating threshold and their cross-fitted validation
+``calibrations/<name>.json``     site calibrations fitted on a local labelled set (optional)
 ``intensity_reference.json``     the training images' intensities (out-of-distribution check)
 ``MODEL_CARD.md``                the human-readable card, generated from the files above
 ===============================  ===========================================================
@@ -36,18 +40,23 @@ from xraycls.io.manifest import write_table
 from xraycls.io.ood import IntensityReference
 from xraycls.io.preprocess import Preprocessing
 
-FORMAT = 1
+FORMAT = 2
+"""2: calibration per served configuration, fitted on a holdout no model saw (format 1 fitted
+one calibrator on single fold models' out-of-fold logits and applied it to the ensemble)."""
 BUNDLE_FILE = "bundle.json"
 LABELS_FILE = "labels.json"
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.json"
 OOF_FILE = "oof_predictions.csv"
+HOLDOUT_FILE = "holdout_predictions.csv"
+SITE_CALIBRATIONS = "calibrations"
 CALIBRATION_FILE = "calibration.json"
 INTENSITY_FILE = "intensity_reference.json"
 CARD_FILE = "MODEL_CARD.md"
 REFIT_WEIGHTS = "weights.safetensors"
 
 Members = Literal["auto", "refit", "folds"]
+Configuration = Literal["folds", "refit"]
 
 
 class BundleError(ValueError):
@@ -68,6 +77,9 @@ class Bundle:
     fold_weights: tuple[Path, ...]
     refit_weights: Path | None
     xraycls_version: str
+    format: int = FORMAT
+    age_range: tuple[float, float] | None = None
+    """The training population's ages in years, when the training data documents them."""
 
     @classmethod
     def read(cls, run_dir: str | Path) -> Bundle:
@@ -101,6 +113,10 @@ class Bundle:
                 fold_weights=tuple(run / f for f in meta.get("fold_weights", [])),
                 refit_weights=run / meta["weights"] if meta.get("weights") else None,
                 xraycls_version=str(meta.get("xraycls_version", "?")),
+                format=int(meta.get("format", 1)),
+                age_range=tuple(ages)
+                if (ages := (meta.get("population") or {}).get("age_years"))
+                else None,
             )
         except (KeyError, TypeError, ValueError) as e:
             raise BundleError(f"{run}: {BUNDLE_FILE} or {LABELS_FILE} is incomplete ({e})") from e
@@ -114,14 +130,15 @@ class Bundle:
         return self.classes[-1] if len(self.classes) == 2 else None
 
     def weights(self, members: Members = "auto") -> list[Path]:
-        """The weight files of the served model: the refit model, the fold ensemble, or ``auto``
-        (refit when present, else folds).
+        """The weight files of a configuration: the refit model, the fold ensemble, or ``auto``
+        (the bundle's default, :meth:`default_members`).
 
         Raises:
             BundleError: The chosen files are missing.
         """
-        refit = self.refit_weights if self.refit_weights and self.refit_weights.exists() else None
-        if members == "refit" or (members == "auto" and refit is not None):
+        if members == "auto":
+            members = self.default_members()
+        if members == "refit":
             files = [self.refit_weights or self.path / REFIT_WEIGHTS]
         else:
             files = list(self.fold_weights)
@@ -140,10 +157,44 @@ class Bundle:
         """``metrics.json`` (empty when absent)."""
         return _json(self.path / METRICS_FILE, missing_ok=True)
 
-    def calibration(self) -> dict[str, Any] | None:
-        """``calibration.json`` as stored, or None when the bundle has none."""
-        path = self.path / CALIBRATION_FILE
-        return _json(path) if path.exists() else None
+    def calibration(self, name: str | None = None) -> dict[str, Any] | None:
+        """The bundle's calibration (``calibration.json``) or the site calibration ``name``
+        (``calibrations/<name>.json``); None when the bundle has none.
+
+        Raises:
+            BundleError: A named site calibration does not exist (the message lists those that
+                do), or the file predates the per-configuration format.
+        """
+        if name in (None, "", "default"):
+            path = self.path / CALIBRATION_FILE
+            if not path.exists():
+                return None
+        else:
+            path = self.path / SITE_CALIBRATIONS / f"{name}.json"
+            if not path.exists():
+                known = ", ".join(self.site_calibrations()) or "none"
+                raise BundleError(f"{self.path}: no site calibration {name!r} (have: {known})")
+        data = _json(path)
+        if data.get("format") != FORMAT:
+            raise BundleError(
+                f"{path}: calibration format {data.get('format', 1)}, fitted on single fold models' "
+                "out-of-fold logits; it does not describe the served model. Retrain with this "
+                "version, or calibrate on a local labelled set (xraycls calibrate RUN --on CSV)"
+            )
+        return data
+
+    def site_calibrations(self) -> list[str]:
+        """Names of the site calibrations stored in the bundle."""
+        folder = self.path / SITE_CALIBRATIONS
+        return sorted(p.stem for p in folder.glob("*.json")) if folder.is_dir() else []
+
+    def default_members(self) -> Configuration:
+        """The configuration the bundle serves by default: the one ``calibration.json`` names,
+        else the fold ensemble when it exists, else the refit model."""
+        cal = self.calibration() if (self.path / CALIBRATION_FILE).exists() else None
+        if cal and cal.get("default") in ("folds", "refit"):
+            return cal["default"]
+        return "folds" if any(f.is_file() for f in self.fold_weights) else "refit"
 
     def config_yaml(self) -> str:
         """The resolved training configuration, as saved."""
@@ -301,6 +352,72 @@ def write_oof(
     write_table(run_dir / OOF_FILE, rows, cols)
 
 
+@dataclass
+class ServedPredictions:
+    """The logits of each served configuration on images none of its models trained on (the
+    calibration holdout, or a site's labelled set): what its calibration is fitted on."""
+
+    paths: list[str]
+    groups: np.ndarray
+    labels: np.ndarray
+    classes: list[str]
+    logits: dict[str, np.ndarray]
+    """Configuration (``folds``: mean logits of the fold ensemble; ``refit``) -> N x C."""
+    source: str = "holdout"
+
+
+def write_served(path: Path, pred: ServedPredictions) -> None:
+    """Write served predictions (``holdout_predictions.csv`` or a site's): identity, label, then
+    ``logit_<configuration>_<class>`` columns."""
+    configs = sorted(pred.logits)
+    cols = ["path", "patient_id", "label"] + [
+        f"logit_{k}_{c}" for k in configs for c in pred.classes
+    ]
+    rows = []
+    for i, p in enumerate(pred.paths):
+        row: dict[str, Any] = {
+            "path": p,
+            "patient_id": pred.groups[i],
+            "label": pred.classes[pred.labels[i]],
+        }
+        for k in configs:
+            for j, c in enumerate(pred.classes):
+                row[f"logit_{k}_{c}"] = f"{pred.logits[k][i, j]:.6f}"
+        rows.append(row)
+    write_table(path, rows, cols)
+
+
+def read_served(path: Path, classes: list[str], *, source: str = "holdout") -> ServedPredictions:
+    """Read :func:`write_served` output.
+
+    Raises:
+        BundleError: Missing file or malformed rows.
+    """
+    try:
+        with path.open(newline="") as f:
+            rows = list(csv.DictReader(f))
+    except OSError as e:
+        raise BundleError(f"{path}: unreadable ({e})") from e
+    if not rows:
+        raise BundleError(f"{path}: no rows")
+    configs = sorted({k.split("_")[1] for k in rows[0] if k.startswith("logit_")})
+    index = {c: i for i, c in enumerate(classes)}
+    try:
+        return ServedPredictions(
+            paths=[r["path"] for r in rows],
+            groups=np.array([r["patient_id"] for r in rows]),
+            labels=np.array([index[r["label"]] for r in rows], dtype=np.int64),
+            classes=list(classes),
+            logits={
+                k: np.array([[float(r[f"logit_{k}_{c}"]) for c in classes] for r in rows])
+                for k in configs
+            },
+            source=source,
+        )
+    except (KeyError, ValueError) as e:
+        raise BundleError(f"{path}: malformed row ({e})") from e
+
+
 def write_bundle_meta(
     run_dir: Path,
     *,
@@ -312,6 +429,7 @@ def write_bundle_meta(
     prep: Preprocessing,
     folds: int,
     refit: bool,
+    age_range: tuple[float, float] | None = None,
 ) -> None:
     """Write ``labels.json`` and ``bundle.json``."""
     from xraycls import __version__
@@ -336,6 +454,7 @@ def write_bundle_meta(
             "preprocessing": json.loads(prep.fingerprint()),
             "weights": REFIT_WEIGHTS if refit else None,
             "fold_weights": [f"fold{k}/{REFIT_WEIGHTS}" for k in range(folds)],
+            "population": {"age_years": list(age_range) if age_range else None},
         },
     )
 

@@ -1,39 +1,113 @@
-"""What a run bundle says about itself, for pickers and reports: identity, headline AUROC
-with its interval, calibration and operating point. Read from the bundle's structured files
-(``bundle.json``, ``metrics.json``, ``calibration.json``), never from its Markdown."""
+"""What a run bundle says about itself, for pickers and reports: identity, the cross-validation
+AUROC with its interval, and what the served model does on data it never saw (calibration and
+operating point, cross-fitted). Read from the bundle's structured files (``bundle.json``,
+``metrics.json``, ``calibration.json``), never from its Markdown."""
 
 from __future__ import annotations
 
 import json
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from xraycls.bundle.format import INTENSITY_FILE, OOF_FILE, Bundle, BundleError, Members, read_oof
+from xraycls.bundle.format import (
+    INTENSITY_FILE,
+    OOF_FILE,
+    Bundle,
+    BundleError,
+    Members,
+    read_oof,
+)
 from xraycls.evaluation.metrics import auroc, bootstrap_ci, softmax
 from xraycls.io.ood import IntensityReference, reference_from_files
 from xraycls.io.preprocess import Preprocessing
 
+CONFIGURATION_NAMES = {"folds": "fold ensemble", "refit": "refit model"}
+
 
 @dataclass(frozen=True)
 class ThresholdInfo:
-    """The binary operating point stored in ``calibration.json``."""
+    """A served configuration's binary operating point and what it does on unseen patients."""
 
     positive: str
     target: str
     """``sensitivity``, ``specificity`` or ``youden``."""
     value: float | None
     threshold: float
-    oof_sensitivity: float | None = None
-    oof_specificity: float | None = None
+    sensitivity: dict[str, float] | None = None
+    """Cross-fitted on the calibration data: ``{value, low, high}``."""
+    specificity: dict[str, float] | None = None
 
     def describe(self) -> str:
         """E.g. ``95%-sensitivity threshold``."""
         if self.target == "youden" or self.value is None:
             return "Youden threshold"
         return f"{self.value:.0%}-{self.target} threshold"
+
+
+def threshold_info(entry: dict[str, Any] | None) -> ThresholdInfo | None:
+    """The operating point of a stored calibration entry (None without one)."""
+    t = (entry or {}).get("threshold")
+    if not t:
+        return None
+    at = (entry or {}).get("validation", {}).get("at_threshold") or {}
+    return ThresholdInfo(
+        positive=str(t["positive"]),
+        target=str(t["target"]),
+        value=_finite(t.get("value")),
+        threshold=float(t["threshold"]),
+        sensitivity=at.get("sensitivity"),
+        specificity=at.get("specificity"),
+    )
+
+
+@dataclass(frozen=True)
+class ServedSummary:
+    """One served configuration under one calibration, as validated."""
+
+    configuration: str
+    calibration_name: str
+    method: str
+    source: str
+    n_images: int
+    auroc: dict[str, float]
+    ece: dict[str, float]
+    ece_uncalibrated: dict[str, float]
+    threshold: ThresholdInfo | None
+
+    @classmethod
+    def from_entry(cls, entry: dict[str, Any], calibration_name: str) -> ServedSummary:
+        """From a configuration's entry in a calibration file."""
+        v = entry["validation"]
+        return cls(
+            configuration=entry["configuration"],
+            calibration_name=calibration_name,
+            method=entry["method"],
+            source=entry["data"]["source"],
+            n_images=int(entry["data"]["n_images"]),
+            auroc=v["auroc"],
+            ece=v["ece"],
+            ece_uncalibrated=v["ece_uncalibrated"],
+            threshold=threshold_info(entry),
+        )
+
+    def text(self) -> str:
+        """One paragraph: discrimination, calibration and operating point, with intervals."""
+        name = CONFIGURATION_NAMES.get(self.configuration, self.configuration)
+        out = (
+            f"{name} on {self.n_images} {self.source} images no model of it saw: AUROC "
+            f"{ci_text(self.auroc)}; {self.method} calibration, ECE "
+            f"{self.ece_uncalibrated['value']:.3f} -> {ci_text(self.ece)} (cross-fitted)"
+        )
+        t = self.threshold
+        if t is not None:
+            out += (
+                f"; {t.describe()} {t.threshold:.3f} on P({t.positive}): sensitivity "
+                f"{ci_text(t.sensitivity)}, specificity {ci_text(t.specificity)} (cross-fitted)"
+            )
+        return out
 
 
 @dataclass(frozen=True)
@@ -48,75 +122,79 @@ class RunSummary:
     n_images: int | None
     n_patients: int | None
     classes: tuple[str, ...]
-    auroc: float | None
-    auroc_ci: tuple[float, float] | None
-    calibration: str | None
-    ece_before: float | None
-    ece_after: float | None
-    threshold: ThresholdInfo | None
-    fold_members: int
-    has_refit: bool
+    cv_auroc: float | None
+    """Pooled out-of-fold AUROC of the fold models (the recipe), not of the served model."""
+    cv_auroc_ci: tuple[float, float] | None
+    default: str
+    """The configuration served by default (``folds`` or ``refit``)."""
+    served: dict[str, ServedSummary] = field(default_factory=dict)
+    """Per calibrated configuration (the bundle's own calibration)."""
+    site_calibrations: tuple[str, ...] = ()
+    fold_members: int = 0
+    has_refit: bool = False
 
     def label(self) -> str:
         """One line for a model picker: ``name (backbone, 224 px, AUROC 0.95)``."""
-        auc = f", AUROC {self.auroc:.3f}" if self.auroc is not None else ""
-        return f"{self.name} ({self.backbone}, {self.image_size} px{auc})"
+        s = self.served.get(self.default)
+        auc = s.auroc["value"] if s else self.cv_auroc
+        return f"{self.name} ({self.backbone}, {self.image_size} px" + (
+            f", AUROC {auc:.3f})" if auc is not None else ")"
+        )
 
-    def auroc_text(self) -> str:
+    def cv_auroc_text(self) -> str:
         """``0.951 [0.930, 0.968]`` (pooled out-of-fold, 95% patient-level bootstrap)."""
-        if self.auroc is None:
+        if self.cv_auroc is None:
             return "n/a"
-        if self.auroc_ci is None:
-            return f"{self.auroc:.3f} (no interval)"
-        return f"{self.auroc:.3f} [{self.auroc_ci[0]:.3f}, {self.auroc_ci[1]:.3f}]"
+        if self.cv_auroc_ci is None:
+            return f"{self.cv_auroc:.3f} (no interval)"
+        return f"{self.cv_auroc:.3f} [{self.cv_auroc_ci[0]:.3f}, {self.cv_auroc_ci[1]:.3f}]"
 
-    def calibration_text(self) -> str:
-        """Method, ECE before -> after and the operating threshold, in one line."""
-        if self.calibration is None:
-            return "none (raw softmax probabilities)"
-        text = self.calibration
-        if self.ece_before is not None and self.ece_after is not None:
-            text += f", ECE {self.ece_before:.3f} -> {self.ece_after:.3f} (cross-fitted)"
-        if self.threshold is not None:
-            t = self.threshold
-            text += f"; {t.describe()} {t.threshold:.3f} on P({t.positive})"
-        return text
+    def served_text(self, configuration: str) -> str:
+        """What the given configuration does on unseen patients, or why nothing can be said."""
+        s = self.served.get(configuration)
+        if s is None:
+            return (
+                f"{CONFIGURATION_NAMES.get(configuration, configuration)}: uncalibrated (raw "
+                "softmax probabilities); not validated on data its models never saw"
+            )
+        return s.text()
+
+
+def ci_text(d: dict[str, float] | None) -> str:
+    """``0.950 [0.910, 0.980]`` from ``{value, low, high}`` (n/a when missing)."""
+    if not d or _finite(d.get("value")) is None:
+        return "n/a"
+    lo, hi = _finite(d.get("low")), _finite(d.get("high"))
+    if lo is None or hi is None:
+        return f"{d['value']:.3f}"
+    return f"{d['value']:.3f} [{lo:.3f}, {hi:.3f}]"
 
 
 def summarize_run(run_dir: str | Path) -> RunSummary:
-    """Read a bundle's identity, headline AUROC (with interval) and calibration.
+    """Read a bundle's identity, cross-validation AUROC (with interval) and served calibration.
 
     The AUROC interval is the patient-level bootstrap interval stored in ``metrics.json`` when
     the model card was written; a bundle without one gets it computed from the out-of-fold
     predictions.
 
     Raises:
-        BundleError: ``bundle.json`` or ``labels.json`` is missing or unreadable.
+        BundleError: ``bundle.json`` or ``labels.json`` is missing or unreadable, or the
+            calibration is of an older format.
     """
     bundle = Bundle.read(run_dir)
     metrics = bundle.metrics()
-    pooled = metrics.get("pooled_oof") or {}
-    value = _finite(pooled.get("auroc"))
+    value = _finite((metrics.get("pooled_oof") or {}).get("auroc"))
     stored = (metrics.get("pooled_oof_ci") or {}).get("auroc") or {}
     ci = None
     if _finite(stored.get("low")) is not None and _finite(stored.get("high")) is not None:
         ci = (float(stored["low"]), float(stored["high"]))
     elif value is not None:
         ci = _bootstrap_auroc_ci(bundle)
-    cal_file = bundle.calibration()
-    cal_summary = (cal_file or {}).get("summary") or metrics.get("calibration") or {}
-    threshold = None
-    t = (cal_file or {}).get("threshold")
-    if t:
-        at = t.get("oof_at_threshold") or {}
-        threshold = ThresholdInfo(
-            positive=str(t["positive"]),
-            target=str(t["target"]),
-            value=_finite(t.get("value")),
-            threshold=float(t["threshold"]),
-            oof_sensitivity=_finite(at.get("sensitivity")),
-            oof_specificity=_finite(at.get("specificity")),
-        )
+    cal = bundle.calibration()
+    served = {
+        k: ServedSummary.from_entry(e, "default")
+        for k, e in ((cal or {}).get("configurations") or {}).items()
+    }
     return RunSummary(
         path=bundle.path,
         name=bundle.path.name,
@@ -126,23 +204,19 @@ def summarize_run(run_dir: str | Path) -> RunSummary:
         n_images=metrics.get("n_images"),
         n_patients=metrics.get("n_patients"),
         classes=bundle.classes,
-        auroc=value,
-        auroc_ci=ci,
-        calibration=cal_summary.get("method") if cal_file else None,
-        ece_before=_finite((cal_summary.get("before") or {}).get("ece")) if cal_file else None,
-        ece_after=(
-            _finite((cal_summary.get("after_crossfit") or {}).get("ece")) if cal_file else None
-        ),
-        threshold=threshold,
+        cv_auroc=value,
+        cv_auroc_ci=ci,
+        default=bundle.default_members(),
+        served=served,
+        site_calibrations=tuple(bundle.site_calibrations()),
         fold_members=sum(1 for f in bundle.fold_weights if f.is_file()),
         has_refit=bool(bundle.refit_weights and bundle.refit_weights.is_file()),
     )
 
 
 def default_members(summary: RunSummary) -> Members:
-    """``folds`` when the bundle has two or more fold models (their spread is the uncertainty
-    to show; calibration and threshold were fitted on their out-of-fold logits), else ``refit``."""
-    return "folds" if summary.fold_members >= 2 or not summary.has_refit else "refit"
+    """The configuration the bundle serves by default."""
+    return summary.default  # type: ignore[return-value]
 
 
 def _bootstrap_auroc_ci(bundle: Bundle) -> tuple[float, float] | None:

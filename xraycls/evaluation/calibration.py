@@ -14,6 +14,8 @@ are handled by the sigmoid variant of temperature scaling.
   It changes confidence but never the predicted class, and it works for any C.
 * :class:`PlattScaling` (Platt 1999; binary only): ``sigmoid(a * z + b)`` on the margin
   ``z = logit_pos - logit_neg``.
+* :class:`VectorScaling` (Guo et al. 2017; three or more classes): ``softmax(a * z + b)``, a
+  scale and an intercept per class.
 * :class:`IsotonicCalibration` (Zadrozny & Elkan 2002; binary only): a monotone step map of
   the positive-class probability. Flexible, but it needs more data and creates ties.
 """
@@ -28,7 +30,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal, Self
 
 import numpy as np
-from scipy.optimize import minimize_scalar
+from scipy.optimize import minimize, minimize_scalar
 from scipy.special import expit, log_expit, log_softmax, softmax
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.isotonic import IsotonicRegression
@@ -40,7 +42,7 @@ from xraycls.io.files import write_text_atomic
 FORMAT = 1
 """Version of the ``to_dict`` / ``calibration.json`` layout."""
 
-Method = Literal["temperature", "platt", "isotonic"]
+Method = Literal["temperature", "platt", "vector", "isotonic"]
 
 
 class Calibrator(ABC):
@@ -325,10 +327,106 @@ class IsotonicCalibration(Calibrator):
         return cal
 
 
+class VectorScaling(Calibrator):
+    """Multi-class: ``softmax(a * z + b)`` with one scale ``a_c`` and one bias ``b_c`` per class.
+
+    Guo et al. (2017)'s vector scaling: temperature scaling with a per-class scale, plus the
+    intercepts temperature scaling lacks. Training with class weights (or on a resampled set)
+    shifts the logits' intercepts; ``b`` undoes that shift, which no temperature can. ``b_0`` is
+    fixed at 0 (softmax ignores a common shift). Fitted by L-BFGS on the mean NLL with a tiny
+    ridge (1e-4) towards the identity, so that separable data keep a finite solution.
+
+    Attributes:
+        a: Per-class scales.
+        b: Per-class biases (``b[0] == 0``).
+        converged: The optimiser reported success.
+        nll_before: Mean NLL of the fitting data at the identity.
+        nll_after: Mean NLL after.
+        n: Number of fitting samples.
+    """
+
+    method = "vector"
+    RIDGE = 1e-4
+
+    def __init__(self) -> None:
+        self.a = np.ones(0)
+        self.b = np.zeros(0)
+        self.converged = False
+        self.nll_before = math.nan
+        self.nll_after = math.nan
+        self.n = 0
+
+    def fit(self, logits: np.ndarray, labels: np.ndarray) -> Self:
+        """Fit ``a, b`` on held-out logits (N x C) and integer labels."""
+        z, y = _softmax_inputs(logits, labels)
+        n, c = z.shape
+        onehot = np.zeros_like(z)
+        onehot[np.arange(n), y] = 1.0
+
+        def objective(theta: np.ndarray) -> tuple[float, np.ndarray]:
+            a, b = theta[:c], np.concatenate([[0.0], theta[c:]])
+            s = z * a + b
+            logp = log_softmax(s, axis=1)
+            loss = -float(np.sum(logp * onehot)) / n
+            loss += self.RIDGE * float(np.sum((a - 1) ** 2) + np.sum(b**2))
+            g = (np.exp(logp) - onehot) / n  # dL/ds
+            grad_a = np.sum(g * z, axis=0) + 2 * self.RIDGE * (a - 1)
+            grad_b = np.sum(g, axis=0)[1:] + 2 * self.RIDGE * b[1:]
+            return loss, np.concatenate([grad_a, grad_b])
+
+        theta0 = np.concatenate([np.ones(c), np.zeros(c - 1)])
+        res = minimize(objective, theta0, jac=True, method="L-BFGS-B")
+        self.converged = bool(res.success)
+        self.a, self.b = res.x[:c], np.concatenate([[0.0], res.x[c:]])
+        self.nll_before = float(-log_softmax(z, axis=1)[np.arange(n), y].mean())
+        self.nll_after = float(-log_softmax(z * self.a + self.b, axis=1)[np.arange(n), y].mean())
+        self.n = n
+        return self
+
+    def predict_proba(self, logits: np.ndarray) -> np.ndarray:
+        """N x C probabilities."""
+        self._require_fitted(self.n > 0)
+        z = _check_2d(np.asarray(logits, dtype=np.float64), min_cols=len(self.a))
+        return softmax(z * self.a + self.b, axis=1)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "format": FORMAT,
+            "a": self.a.tolist(),
+            "b": self.b.tolist(),
+            "converged": self.converged,
+            "nll_before": self.nll_before,
+            "nll_after": self.nll_after,
+            "n": self.n,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Self:
+        cal = cls()
+        cal.a = np.asarray(d["a"], dtype=np.float64)
+        cal.b = np.asarray(d["b"], dtype=np.float64)
+        if cal.a.shape != cal.b.shape or cal.a.ndim != 1 or cal.a.size < 2:
+            raise ValueError("vector scaling needs equally long scale and bias vectors")
+        cal.converged = bool(d["converged"])
+        cal.nll_before = float(d["nll_before"])
+        cal.nll_after = float(d["nll_after"])
+        cal.n = int(d["n"])
+        return cal
+
+
 CALIBRATORS: dict[str, type[Calibrator]] = {
-    c.method: c for c in (TemperatureScaling, PlattScaling, IsotonicCalibration)
+    c.method: c for c in (TemperatureScaling, PlattScaling, VectorScaling, IsotonicCalibration)
 }
 BINARY_ONLY = frozenset({"platt", "isotonic"})
+MULTICLASS_ONLY = frozenset({"vector"})
+
+
+def candidate_methods(n_classes: int) -> list[str]:
+    """What ``method: auto`` chooses among: temperature (no intercept) and the calibrator with
+    intercepts for the task (Platt for two classes, vector scaling for more). Isotonic is left
+    out of the automatic choice: it needs more data and creates ties."""
+    return ["temperature", "platt" if n_classes == 2 else "vector"]
 
 
 def fit_calibrator(method: Method, logits: np.ndarray, labels: np.ndarray) -> Calibrator:
@@ -347,8 +445,10 @@ def fit_calibrator(method: Method, logits: np.ndarray, labels: np.ndarray) -> Ca
     if method in BINARY_ONLY and logits.ndim == 2 and logits.shape[1] > 2:
         raise ValueError(
             f"{method} calibration is binary-only, but the logits have {logits.shape[1]} "
-            "classes; use 'temperature' for multi-class models"
+            "classes; use 'temperature' or 'vector' for multi-class models"
         )
+    if method in MULTICLASS_ONLY and (logits.ndim != 2 or logits.shape[1] < 3):
+        raise ValueError(f"{method} scaling is for three or more classes; use 'platt' for two")
     if method == "temperature":
         single = logits.ndim == 1 or logits.shape[1] == 1
         kind = "sigmoid" if single or labels.ndim == 2 else "softmax"

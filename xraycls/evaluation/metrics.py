@@ -212,6 +212,153 @@ def reliability_curve(
     )
 
 
+# --------------------------------------------------------------------------- per-class calibration
+#
+# Top-label ECE pools a prediction of 0.15 for one class with 0.85 for the other, so that a model
+# whose P(pneumonia) is too low everywhere can still show a small top-label ECE. What a clinician
+# reads is P(class): these functions measure each class's probability against its observed rate.
+
+
+def wilson_interval(k: float, n: float, *, alpha: float = 0.05) -> tuple[float, float]:
+    """Wilson score interval of a proportion ``k / n`` (NaN for n = 0)."""
+    if n <= 0:
+        return float("nan"), float("nan")
+    z = float(norm.ppf(1 - alpha / 2))
+    phat = k / n
+    denom = 1 + z * z / n
+    centre = (phat + z * z / (2 * n)) / denom
+    half = z * math.sqrt(phat * (1 - phat) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def reliability_table(
+    p: np.ndarray,
+    y: np.ndarray,
+    *,
+    n_bins: int = 10,
+    equal_mass: bool = False,
+    alpha: float = 0.05,
+) -> list[dict[str, float]]:
+    """Observed rate against predicted probability, bin by bin, with Wilson intervals.
+
+    Args:
+        p: N predicted probabilities of an event (e.g. P(class c)).
+        y: N 0/1 outcomes (the event happened).
+        n_bins: Number of bins.
+        equal_mass: Bins of equal size instead of equal width on [0, 1].
+        alpha: 1 - the intervals' coverage. For a claim about every bin at once, divide by
+            the number of bins (Bonferroni): each bin's 95% interval alone misses a perfectly
+            calibrated model's mean in some bin more often than 5% of the time.
+
+    Returns:
+        One dict per non-empty bin: ``low``/``high`` edges, ``n``, ``predicted`` (mean p),
+        ``observed`` (rate), ``observed_low``/``observed_high`` (its interval).
+    """
+    p, y = np.asarray(p, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if equal_mass:
+        edges = np.unique(np.quantile(p, np.linspace(0, 1, n_bins + 1)))
+    else:
+        edges = np.linspace(0.0, 1.0, n_bins + 1)
+    bins = np.clip(np.searchsorted(edges, p, side="right") - 1, 0, len(edges) - 2)
+    rows = []
+    for b in range(len(edges) - 1):
+        m = bins == b
+        n = int(m.sum())
+        if not n:
+            continue
+        k = float(y[m].sum())
+        lo, hi = wilson_interval(k, n, alpha=alpha)
+        rows.append(
+            {
+                "low": float(edges[b]),
+                "high": float(edges[b + 1]),
+                "n": n,
+                "predicted": float(p[m].mean()),
+                "observed": k / n,
+                "observed_low": lo,
+                "observed_high": hi,
+            }
+        )
+    return rows
+
+
+def event_ece(p: np.ndarray, y: np.ndarray, *, n_bins: int = 15) -> float:
+    """Expected calibration error of the probability of one event (equal-width bins): the
+    bin-size-weighted mean of ``|observed rate - mean predicted|``."""
+    rows = reliability_table(p, y, n_bins=n_bins)
+    total = sum(r["n"] for r in rows)
+    return float(sum(r["n"] * abs(r["observed"] - r["predicted"]) for r in rows) / max(1, total))
+
+
+def calibration_intercept_slope(p: np.ndarray, y: np.ndarray) -> dict[str, float]:
+    """Calibration-in-the-large and calibration slope of event probabilities (Cox 1958).
+
+    ``intercept``: alpha in ``logit P(y=1) = alpha + logit(p)`` (0 when the mean risk is right;
+    above 0 when the model under-predicts). ``slope``: beta in ``logit P(y=1) = a + beta *
+    logit(p)`` (1 when the spread is right; below 1 when predictions are too extreme).
+    """
+    from scipy.optimize import minimize_scalar
+    from scipy.special import expit, logit
+    from sklearn.linear_model import LogisticRegression
+
+    p = np.clip(np.asarray(p, dtype=np.float64), 1e-6, 1 - 1e-6)
+    y = np.asarray(y, dtype=np.float64)
+    if y.min() == y.max():
+        return {"intercept": float("nan"), "slope": float("nan")}
+    lp = logit(p)
+
+    def nll_offset(alpha: float) -> float:
+        q = np.clip(expit(alpha + lp), 1e-12, 1 - 1e-12)
+        return float(-np.mean(y * np.log(q) + (1 - y) * np.log(1 - q)))
+
+    alpha = float(minimize_scalar(nll_offset, bounds=(-20, 20), method="bounded").x)
+    fit = LogisticRegression(C=np.inf, max_iter=1000).fit(lp[:, None], y.astype(int))
+    return {"intercept": alpha, "slope": float(fit.coef_[0, 0])}
+
+
+def per_class_calibration(
+    probs: np.ndarray, labels: np.ndarray, classes: list[str], *, n_bins: int = 10
+) -> dict[str, dict[str, object]]:
+    """For each class c: the ECE of P(c), its calibration intercept and slope, and its
+    reliability table (see :func:`reliability_table`)."""
+    probs, labels = np.asarray(probs, dtype=np.float64), np.asarray(labels)
+    out: dict[str, dict[str, object]] = {}
+    for c, name in enumerate(classes):
+        event = (labels == c).astype(np.float64)
+        out[name] = {
+            "ece": event_ece(probs[:, c], event),
+            **calibration_intercept_slope(probs[:, c], event),
+            "observed_rate": float(event.mean()),
+            "mean_predicted": float(probs[:, c].mean()),
+            "reliability": reliability_table(probs[:, c], event, n_bins=n_bins),
+        }
+    return out
+
+
+def decision_curve(
+    p: np.ndarray, y: np.ndarray, thresholds: np.ndarray | None = None
+) -> dict[str, list[float]]:
+    """Net benefit of acting on ``p >= t`` against treating everyone or no one (Vickers &
+    Elkin 2006): ``TP/n - FP/n * t / (1 - t)``; treat-all is ``prevalence - (1 - prevalence) *
+    t / (1 - t)``; treat-none is 0.
+
+    Returns:
+        ``threshold``, ``model``, ``treat_all`` lists (thresholds default to 0.01..0.99).
+    """
+    p, y = np.asarray(p, dtype=np.float64), np.asarray(y).astype(bool)
+    ts = np.linspace(0.01, 0.99, 99) if thresholds is None else np.asarray(thresholds, float)
+    n = len(y)
+    prevalence = float(y.mean())
+    model, treat_all = [], []
+    for t in ts:
+        odds = t / (1 - t)
+        pos = p >= t
+        tp, fp = float(np.sum(pos & y)), float(np.sum(pos & ~y))
+        model.append(tp / n - fp / n * odds)
+        treat_all.append(prevalence - (1 - prevalence) * odds)
+    return {"threshold": ts.tolist(), "model": model, "treat_all": treat_all}
+
+
 class BootstrapSkipWarning(UserWarning):
     """Some bootstrap resamples were dropped because the metric was undefined on them."""
 

@@ -16,7 +16,7 @@ import numpy as np
 
 from xraycls.errors import ImageReadError, ImageTooLargeError
 from xraycls.io.image import RawImage
-from xraycls.io.ood import IntensityReference, OODReport, check_ood
+from xraycls.io.ood import IntensityReference, OODCriteria, OODReport
 from xraycls.io.preprocess import Letterbox, prepare
 from xraycls.io.read import load_image
 
@@ -110,7 +110,7 @@ def analyse(
     # The bundle's preprocessing, whatever window the reader chose for display.
     square, box, _ = prepare(raw, predictor.prep)
     prediction = predictor.predict([square])[0]
-    ood = check_ood(raw, box.crop(square), reference)
+    ood = OODCriteria(reference, predictor.ood.age_range).check(raw, box.crop(square))
     return Analysis(
         name=name,
         sha256=hashlib.sha256(data).hexdigest(),
@@ -168,7 +168,8 @@ def decision_text(
             f"{threshold.describe()} ({prediction.threshold:.3f})"
         )
     top = float(np.max(prediction.probs))
-    return f"{prediction.predicted} — highest calibrated probability ({top:.3f}); no operating threshold stored"
+    kind = "calibrated probability" if prediction.calibrated else "probability (uncalibrated)"
+    return f"{prediction.predicted} — highest {kind} ({top:.3f}); no operating threshold stored"
 
 
 @dataclass(frozen=True)
@@ -206,9 +207,10 @@ def uncertainty_text(prediction: Prediction, classes: Sequence[str]) -> str:
     about the decision; a single model says that it has no spread to show."""
     m = np.atleast_2d(prediction.member_probs)
     if m.shape[0] < 2:
-        return (
-            "Single model: no ensemble spread to show. The probability is calibrated on "
-            "out-of-fold predictions, which is all the uncertainty information this bundle has."
+        return "Single model: no ensemble spread to show. " + (
+            "The probability is calibrated on patients the model never saw."
+            if prediction.calibrated
+            else "The probability is uncalibrated (this bundle has no calibration holdout)."
         )
     if len(classes) == 2 and prediction.threshold is not None:
         above = int(np.sum(m[:, 1] >= prediction.threshold))

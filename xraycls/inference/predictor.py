@@ -17,10 +17,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from xraycls.bundle.format import CALIBRATION_FILE, Bundle, BundleError, Members
+from xraycls.bundle.calibration import load_configuration
+from xraycls.bundle.format import Bundle, BundleError, Members
 from xraycls.errors import ImageReadError
-from xraycls.evaluation.calibration import Calibrator, load_calibration
+from xraycls.evaluation.calibration import Calibrator
 from xraycls.evaluation.metrics import softmax
+from xraycls.io.ood import OODCriteria
 from xraycls.io.preprocess import ImageCache, Preprocessing, preprocess_file
 from xraycls.models.runtime import resolve_device
 from xraycls.models.weights import Normalization, load_weights, to_model_input
@@ -31,15 +33,19 @@ class Prediction:
     """One image's result."""
 
     probs: np.ndarray
-    """Calibrated class probabilities (raw softmax when the bundle has no calibration)."""
+    """The served model's calibrated class probabilities (its raw softmax when the bundle has
+    no calibration for it: see :attr:`Predictor.calibrated`)."""
     raw_probs: np.ndarray
-    """Uncalibrated softmax of the ensemble-mean logits."""
+    """Uncalibrated softmax of the served logits (the fold ensemble's mean logits)."""
     member_probs: np.ndarray
-    """Calibrated probabilities of each ensemble member (members x classes): their spread is
-    the honest uncertainty to show."""
+    """Each ensemble member's logits through the served calibrator (members x classes). The
+    calibrator is fitted on the ensemble, not on each member: the spread shows how much the
+    members disagree, not calibrated member probabilities."""
     predicted: str
     """The decision: the positive class at or above the stored threshold (binary), else argmax."""
     threshold: float | None
+    calibrated: bool = True
+    """False when the served configuration has no calibration: ``probs`` are raw softmax."""
 
 
 class Predictor:
@@ -56,6 +62,10 @@ class Predictor:
         threshold: float | None,
         device: torch.device,
         run_dir: Path | None = None,
+        configuration: str = "folds",
+        calibration_name: str = "default",
+        calibration_entry: dict[str, Any] | None = None,
+        ood: OODCriteria | None = None,
     ) -> None:
         self.models = models
         self.classes = classes
@@ -65,6 +75,21 @@ class Predictor:
         self.device = device
         self.run_dir = run_dir
         self.normalization = normalization
+        self.configuration = configuration
+        """``folds`` (the fold ensemble) or ``refit``: which of the bundle's models is served."""
+        self.calibration_name = calibration_name
+        """``default`` (the bundle's holdout calibration) or a site calibration's name."""
+        self.calibration_entry = calibration_entry
+        """The stored calibration of the served configuration: method, threshold, the data it
+        was fitted on and its cross-fitted validation (None when uncalibrated)."""
+        self.ood = ood or OODCriteria()
+        """What the bundle knows of its training inputs (intensity reference, ages), for the
+        out-of-distribution check of every image it predicts."""
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether the probabilities are calibrated for the served configuration."""
+        return self.calibrator is not None
 
     @classmethod
     def from_run(
@@ -72,14 +97,17 @@ class Predictor:
         run_dir: str | Path | Bundle,
         *,
         members: Members = "auto",
+        calibration: str | None = None,
         device: str = "auto",
     ) -> Predictor:
         """Load a bundle written by ``xraycls train``.
 
         Args:
             run_dir: The run folder (or an already read :class:`Bundle`).
-            members: ``refit`` (``weights.safetensors``), ``folds`` (the fold ensemble,
-                logits averaged) or ``auto`` (refit when present, else folds).
+            members: ``folds`` (the fold ensemble, logits averaged), ``refit``
+                (``weights.safetensors``) or ``auto``: the bundle's default (the fold ensemble).
+            calibration: None for the bundle's own calibration (fitted on its holdout), or the
+                name of a site calibration (``xraycls calibrate RUN --on CSV --name NAME``).
             device: ``auto``, ``cpu``, ``cuda``, ...
 
         Raises:
@@ -89,7 +117,11 @@ class Predictor:
         from xraycls.models import create_model
 
         bundle = run_dir if isinstance(run_dir, Bundle) else Bundle.read(run_dir)
-        files = bundle.weights(members)
+        configuration = bundle.default_members() if members == "auto" else members
+        files = bundle.weights(configuration)
+        calibrator, threshold, entry = load_configuration(
+            bundle, configuration, calibration=calibration
+        )
         dev = resolve_device(device)
         models = []
         for f in files:
@@ -101,11 +133,6 @@ class Predictor:
             except (RuntimeError, OSError) as e:  # shape mismatch, corrupt safetensors
                 raise BundleError(f"{f}: does not hold {bundle.model} weights ({e})") from e
             models.append(model.to(dev).eval())
-        calibrator, threshold = None, None
-        cal_path = bundle.file(CALIBRATION_FILE)
-        if cal_path.exists():
-            calibrator, extra = load_calibration(cal_path)
-            threshold = (extra.get("threshold") or {}).get("threshold")
         return cls(
             models,
             classes=list(bundle.classes),
@@ -115,6 +142,10 @@ class Predictor:
             threshold=threshold,
             device=dev,
             run_dir=bundle.path,
+            configuration=configuration,
+            calibration_name=calibration or "default",
+            calibration_entry=entry,
+            ood=OODCriteria(bundle.intensity_reference(), bundle.age_range),
         )
 
     def to_tensor(self, pixels: list[np.ndarray]) -> torch.Tensor:
@@ -137,7 +168,14 @@ class Predictor:
         probs = self._calibrate(mean_logits)
         members = np.stack([self._calibrate(z) for z in member_logits], axis=1)
         return [
-            Prediction(probs[i], raw[i], members[i], self._decide(probs[i]), self.threshold)
+            Prediction(
+                probs[i],
+                raw[i],
+                members[i],
+                self._decide(probs[i]),
+                self.threshold,
+                calibrated=self.calibrated,
+            )
             for i in range(len(pixels))
         ]
 
@@ -183,6 +221,8 @@ class Predictor:
             "members": len(self.models),
             "classes": self.classes,
             "image_size": self.prep.image_size,
+            "configuration": self.configuration,
             "calibration": None if self.calibrator is None else self.calibrator.method,
+            "calibration_name": self.calibration_name,
             "threshold": self.threshold,
         }

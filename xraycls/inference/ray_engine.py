@@ -19,12 +19,13 @@ from typing import Any
 import numpy as np
 
 from xraycls.inference.rows import ScoreError, load_item, result_columns, score_items
+from xraycls.io.ood import OODCriteria
 from xraycls.io.preprocess import Preprocessing
 
 
-def _load(row: dict[str, Any], prep: Preprocessing) -> dict[str, Any]:
+def _load(row: dict[str, Any], prep: Preprocessing, ood: OODCriteria | None) -> dict[str, Any]:
     """One file -> a fixed-schema record (zeros for the pixels of a file that failed)."""
-    item = load_item(row["path"], prep)
+    item = load_item(row["path"], prep, ood=ood)
     ok = item["pixels"] is not None
     return {
         "path": row["path"],
@@ -35,6 +36,8 @@ def _load(row: dict[str, Any], prep: Preprocessing) -> dict[str, Any]:
         if ok
         else np.zeros((prep.image_size, prep.image_size), np.float32),
         "sop_instance_uid": item["sop_instance_uid"],
+        "ood": item["ood"],
+        "ood_reasons": item["ood_reasons"],
         "error": item["error"],
         "error_code": item["error_code"],
         "decode_s": item["decode_s"],
@@ -44,15 +47,31 @@ def _load(row: dict[str, Any], prep: Preprocessing) -> dict[str, Any]:
 class RayScorer:
     """A Ray Data actor: loads the bundle once, turns batches of records into result rows."""
 
-    def __init__(self, run_dir: str, members: str, device: str, columns: list[str]) -> None:
+    def __init__(
+        self, run_dir: str, members: str, calibration: str | None, device: str, columns: list[str]
+    ) -> None:
         from xraycls.inference.predictor import Predictor
 
-        self.predictor = Predictor.from_run(run_dir, members=members, device=device)  # type: ignore[arg-type]
+        self.predictor = Predictor.from_run(
+            run_dir,
+            members=members,  # type: ignore[arg-type]
+            calibration=calibration,
+            device=device,
+        )
         self.columns = columns
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Score one batch (numpy format) into string columns of the results schema."""
-        keys = ("path", "size_bytes", "mtime_ns", "sop_instance_uid", "error", "error_code")
+        keys = (
+            "path",
+            "size_bytes",
+            "mtime_ns",
+            "sop_instance_uid",
+            "ood",
+            "ood_reasons",
+            "error",
+            "error_code",
+        )
         items = []
         for i in range(len(batch["path"])):
             item: dict[str, Any] = {k: str(batch[k][i]) for k in keys}
@@ -68,9 +87,11 @@ def ray_batches(
     *,
     run_dir: str | Path,
     members: str,
+    calibration: str | None = None,
     prep: Preprocessing,
     classes: list[str],
     batch_size: int,
+    ood: OODCriteria | None = None,
     actors: int | None = None,
 ) -> Iterator[list[dict[str, str]]]:
     """Result rows of ``todo`` ((path, (size, mtime)) pairs), a list per block, as they finish.
@@ -82,7 +103,9 @@ def ray_batches(
         todo: Files to score with their stat key.
         run_dir: The run bundle every actor loads.
         members: Which weights of the bundle.
+        calibration: A site calibration's name (default: the bundle's own).
         prep: The bundle's preprocessing (for the decoding tasks).
+        ood: The bundle's out-of-distribution criteria.
         classes: The bundle's classes (for the columns).
         batch_size: Files per model call.
         actors: Scoring actors (default: one per GPU, or one on CPU).
@@ -102,12 +125,13 @@ def ray_batches(
     columns = result_columns(classes)
     ds = ray.data.from_items(
         [{"path": p, "size_bytes": s, "mtime_ns": m} for p, (s, m) in todo]
-    ).map(_load, fn_kwargs={"prep": prep})
+    ).map(_load, fn_kwargs={"prep": prep, "ood": ood})
     ds = ds.map_batches(
         RayScorer,
         fn_constructor_kwargs={
             "run_dir": str(Path(run_dir).resolve()),
             "members": members,
+            "calibration": calibration,
             "device": "auto" if gpus else "cpu",
             "columns": columns,
         },

@@ -7,12 +7,13 @@ import io
 from collections.abc import Sequence
 from dataclasses import asdict
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from xraycls import __version__
-from xraycls.bundle.summary import RunSummary
+from xraycls.bundle.card import INTENDED_USE
+from xraycls.bundle.summary import RunSummary, ServedSummary, threshold_info
 from xraycls.inference.analysis import (
     Analysis,
     UploadFailure,
@@ -21,28 +22,30 @@ from xraycls.inference.analysis import (
 )
 from xraycls.io.files import json_safe
 
-INTENDED_USE = (
-    "Research use only. Not a medical device: not for diagnosis, triage or patient management; "
-    "every output must be reviewed by a qualified reader."
-)
+if TYPE_CHECKING:
+    from xraycls.inference.predictor import Predictor
 
 
 def build_report(
     analysis: Analysis,
     summary: RunSummary,
+    predictor: Predictor,
     *,
-    members: str,
     explanation: dict[str, Any] | None = None,
     now: datetime | None = None,
 ) -> dict[str, Any]:
-    """The JSON report of one image: prediction, calibration, model identity, checks, time.
+    """The JSON report of one image: prediction, the served model and its validation, checks.
 
-    No patient identifiers: the image is identified by its upload name and SHA-256.
+    Every probability and threshold belongs to the served configuration under the chosen
+    calibration (``predictor``), and its quality figures were measured on patients none of its
+    models saw. No patient identifiers: the image is identified by its upload name and SHA-256.
     """
     pred = analysis.prediction
     classes = list(summary.classes)
     meta = analysis.raw.meta
-    t = summary.threshold
+    entry = predictor.calibration_entry
+    info = threshold_info(entry)
+    served = ServedSummary.from_entry(entry, predictor.calibration_name) if entry else None
     return json_safe(
         {
             "intended_use": INTENDED_USE,
@@ -63,20 +66,30 @@ def build_report(
                 "backbone": summary.backbone,
                 "image_size": summary.image_size,
                 "training_data": summary.data,
-                "members": members,
-                "n_members": int(np.atleast_2d(pred.member_probs).shape[0]),
-                "oof_auroc": summary.auroc,
-                "oof_auroc_95ci": list(summary.auroc_ci) if summary.auroc_ci else None,
+                "served": predictor.configuration,
+                "n_members": len(predictor.models),
+                "cross_validation_auroc": summary.cv_auroc,
+                "cross_validation_auroc_95ci": list(summary.cv_auroc_ci)
+                if summary.cv_auroc_ci
+                else None,
             },
             "calibration": {
-                "method": summary.calibration,
-                "ece_before": summary.ece_before,
-                "ece_after_crossfit": summary.ece_after,
-                "threshold": asdict(t) if t else None,
+                "name": predictor.calibration_name,
+                "calibrated": predictor.calibrated,
+                "method": served.method if served else None,
+                "validated_on": f"{served.n_images} {served.source} images" if served else None,
+                "auroc": served.auroc if served else None,
+                "ece": served.ece if served else None,
+                "ece_uncalibrated": served.ece_uncalibrated if served else None,
+                "threshold": asdict(info) if info else None,
+                "validation": "cross-fitted: scored by calibrators and thresholds fitted on "
+                "other patients"
+                if served
+                else "none: uncalibrated probabilities",
             },
             "prediction": {
                 "decision": pred.predicted,
-                "decision_text": decision_text(pred, classes, t),
+                "decision_text": decision_text(pred, classes, info),
                 "probabilities": {c: float(pred.probs[i]) for i, c in enumerate(classes)},
                 "uncalibrated_probabilities": {
                     c: float(pred.raw_probs[i]) for i, c in enumerate(classes)

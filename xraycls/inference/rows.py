@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from xraycls.errors import ImageReadError
+from xraycls.io.ood import OODCriteria
 from xraycls.io.preprocess import Preprocessing, preprocess_file
 
 if TYPE_CHECKING:
@@ -26,6 +27,8 @@ HEAD_COLUMNS = ["path", "status", "error", "sop_instance_uid"]
 TAIL_COLUMNS = [
     "predicted",
     "threshold",
+    "ood",
+    "ood_reasons",
     "seconds",
     "error_code",
     "size_bytes",
@@ -35,7 +38,9 @@ TAIL_COLUMNS = [
 ]
 """After the ``prob_<class>`` columns. ``seconds`` is the file's decode time plus its share of
 its batch's model (and CAM) time. ``error`` on an ``ok`` row means the prediction is valid but a
-CAM or DICOM output could not be written (``cam_failed: ...``)."""
+CAM or DICOM output could not be written (``cam_failed: ...``). ``ood`` is ``flagged`` when the
+header says it is not a frontal chest radiograph or its intensities are far from the training
+images' (``ood_reasons`` says which), ``ok`` when neither check objects."""
 
 
 class ScoreError(Exception):
@@ -47,14 +52,26 @@ def result_columns(classes: list[str]) -> list[str]:
     return [*HEAD_COLUMNS, *(f"prob_{c}" for c in classes), *TAIL_COLUMNS]
 
 
-def load_item(path: str | Path, prep: Preprocessing, *, keep_original: bool = False) -> dict:
+def load_item(
+    path: str | Path,
+    prep: Preprocessing,
+    *,
+    keep_original: bool = False,
+    ood: OODCriteria | None = None,
+) -> dict:
     """Read and preprocess one file into a scoring item; never raises for a bad file.
+
+    Args:
+        path: The file.
+        prep: The bundle's preprocessing.
+        keep_original: Also keep the full-size rendering (for CAM overlays).
+        ood: The bundle's out-of-distribution criteria (intensity reference, ages).
 
     Returns:
         A dict with ``path``, ``pixels`` (float32 size x size, None on error), ``letterbox``,
         ``original`` (the windowed image as uint8 at its own size, only with ``keep_original``),
-        ``format``, ``sop_instance_uid``, ``error`` and ``error_code`` (empty when fine) and
-        ``decode_s``.
+        ``format``, ``sop_instance_uid``, ``ood`` and ``ood_reasons``, ``error`` and
+        ``error_code`` (empty when fine) and ``decode_s``.
     """
     t0 = time.perf_counter()
     item: dict[str, Any] = {
@@ -64,6 +81,8 @@ def load_item(path: str | Path, prep: Preprocessing, *, keep_original: bool = Fa
         "original": None,
         "format": "",
         "sop_instance_uid": "",
+        "ood": "",
+        "ood_reasons": "",
         "error": "",
         "error_code": "",
     }
@@ -77,6 +96,9 @@ def load_item(path: str | Path, prep: Preprocessing, *, keep_original: bool = Fa
         item |= {"pixels": pixels, "letterbox": box}
         if meta is not None:
             item |= {"format": meta.format, "sop_instance_uid": meta.sop_instance_uid or ""}
+        content = box.crop(pixels) if box is not None else pixels
+        report = (ood or OODCriteria()).check(meta, content)
+        item |= {"ood": "flagged" if report.flagged else "ok", "ood_reasons": report.reasons()}
     except ImageReadError as e:
         item |= {"error": e.short(), "error_code": e.code}
     except Exception as e:  # a decoder bug must cost one row, not the run
@@ -113,9 +135,18 @@ def make_row(
         "dicom_path": "",
         "predicted": "",
         "threshold": "",
+        "ood": _one_line(item.get("ood", "")),
+        "ood_reasons": _one_line(item.get("ood_reasons", "")),
     }
     for c in classes:
         row[f"prob_{c}"] = ""
+    if pred is not None and not np.all(np.isfinite(pred.probs)):
+        row |= {
+            "status": "error",
+            "error_code": "non_finite",
+            "error": "non_finite: the model gave non-finite probabilities (NaN/inf) for this image",
+        }
+        return row
     if pred is not None:
         for c, p in zip(classes, pred.probs, strict=True):
             row[f"prob_{c}"] = _fmt(p)

@@ -36,6 +36,7 @@ from xraycls.inference.results import (
 from xraycls.inference.rows import ScoreError, load_item, result_columns, score_items
 from xraycls.io.dicom import installation_salt
 from xraycls.io.manifest import read_labels
+from xraycls.io.ood import OODCriteria
 from xraycls.io.preprocess import Preprocessing
 from xraycls.io.read import iter_image_files
 
@@ -97,17 +98,23 @@ class ScoringDataset(torch.utils.data.Dataset):
     """Files -> scoring items (see :func:`load_item`); a bad file is an item with its error."""
 
     def __init__(
-        self, paths: list[str], prep: Preprocessing, *, keep_original: bool = False
+        self,
+        paths: list[str],
+        prep: Preprocessing,
+        *,
+        keep_original: bool = False,
+        ood: OODCriteria | None = None,
     ) -> None:
         self.paths = paths
         self.prep = prep
         self.keep_original = keep_original
+        self.ood = ood
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> dict:
-        item = load_item(self.paths[i], self.prep, keep_original=self.keep_original)
+        item = load_item(self.paths[i], self.prep, keep_original=self.keep_original, ood=self.ood)
         # Tensors cross from worker processes through shared memory instead of a pickle pipe.
         for k in ("pixels", "original"):
             if item[k] is not None:
@@ -144,6 +151,8 @@ class ScoreSummary:
     """Files already scored by an earlier run (same path, size and mtime)."""
     errors_by_code: Counter[str] = field(default_factory=Counter)
     cam_failed: int = 0
+    ood_flagged: int = 0
+    """Rows written by this run whose out-of-distribution checks flagged the image."""
     seconds: float = 0.0
     """Wall time of the scoring loop (decoding, model, writing; not the model's loading)."""
     parquet: Path | None = None
@@ -164,11 +173,14 @@ class ScoreSummary:
         parts.append(f"{self.skipped} skipped (already scored)")
         if self.cam_failed:
             parts.append(f"{self.cam_failed} CAM/DICOM outputs failed (see error column)")
+        if self.ood_flagged:
+            parts.append(f"{self.ood_flagged} flagged out-of-distribution (see ood column)")
         rate = f"{self.images_per_s:.1f} images/s"
         return f"{', '.join(parts)} in {self.seconds:.1f} s ({rate}) -> {self.out}"
 
     def count(self, row: dict[str, str]) -> None:
         """Add one newly written row to the counts."""
+        self.ood_flagged += row.get("ood") == "flagged"
         if row["status"] == "ok":
             self.ok += 1
             self.cam_failed += row["error"].startswith("cam_failed")
@@ -183,6 +195,7 @@ def score(
     *,
     run: str | Path | Predictor,
     members: Members = "auto",
+    calibration: str | None = None,
     device: str = "auto",
     workers: int | None = None,
     batch_size: int = 16,
@@ -201,6 +214,7 @@ def score(
         run: A run bundle folder, or an already loaded :class:`Predictor` (the Ray engine's
             actors load its ``run_dir`` again, with ``members``).
         members: Which weights of the bundle (see :meth:`Predictor.from_run`).
+        calibration: A site calibration's name (default: the bundle's own).
         device: ``auto``, ``cpu``, ``cuda``, ...
         workers: Decoding processes (default :func:`default_workers`); 0 decodes in this
             process.
@@ -223,7 +237,9 @@ def score(
     out, cam_dir, dicom_out = _check_outputs(
         inputs, out, cam_dir, dicom_out, batch_size=batch_size, parquet=parquet, engine=engine
     )
-    predictor = _predictor(run, members=members, device=device, engine=engine)
+    predictor = _predictor(
+        run, members=members, calibration=calibration, device=device, engine=engine
+    )
     explain = None
     if cam_dir is not None or dicom_out is not None:
         explain = Explainer(predictor, inputs.root, cam_method, cam_dir, dicom_out)
@@ -297,14 +313,24 @@ def _check_outputs(
 
 
 def _predictor(
-    run: str | Path | Predictor, *, members: Members, device: str, engine: str
+    run: str | Path | Predictor,
+    *,
+    members: Members,
+    calibration: str | None,
+    device: str,
+    engine: str,
 ) -> Predictor:
     from xraycls.inference.predictor import Predictor
 
     if isinstance(run, Predictor):
         return run
     # The Ray driver only needs classes and preprocessing: its actors load their own models.
-    return Predictor.from_run(run, members=members, device="cpu" if engine == "ray" else device)
+    return Predictor.from_run(
+        run,
+        members=members,
+        calibration=calibration,
+        device="cpu" if engine == "ray" else device,
+    )
 
 
 def _record(
@@ -349,10 +375,12 @@ def _ray_batches(
     return ray_batches(
         todo,
         run_dir=run_dir,
-        members=members,
+        members=predictor.configuration,
+        calibration=None if predictor.calibration_name == "default" else predictor.calibration_name,
         prep=predictor.prep,
         classes=predictor.classes,
         batch_size=batch_size,
+        ood=predictor.ood,
     )
 
 
@@ -369,7 +397,10 @@ def _local_batches(
         return
     n = default_workers() if workers is None else max(0, workers)
     dataset = ScoringDataset(
-        [p for p, _ in todo], predictor.prep, keep_original=explain is not None
+        [p for p, _ in todo],
+        predictor.prep,
+        keep_original=explain is not None,
+        ood=predictor.ood,
     )
     loader = torch.utils.data.DataLoader(
         dataset,

@@ -137,7 +137,10 @@ def _decode_dataset(path: Path, ds: Any, *, max_pixels: int) -> RawImage:
         arr = _fix_bits_stored(arr, ds, notes)
         padding = _padding_mask(arr, ds)
         values = np.asarray(apply_modality_lut(arr, ds), dtype=np.float32)
-        invert = photometric == "MONOCHROME1"
+        # MONOCHROME1 and a Presentation LUT Shape of INVERSE ask for the same one inversion
+        # after the VOI (DX requires INVERSE with MONOCHROME1: it is not applied twice).
+        shape = str(ds.get("PresentationLUTShape", "") or "").upper().strip()
+        invert = photometric == "MONOCHROME1" or shape == "INVERSE"
         voi = _header_voi(ds)
 
     for note in notes:
@@ -153,6 +156,7 @@ def _decode_dataset(path: Path, ds: Any, *, max_pixels: int) -> RawImage:
         sop_instance_uid=_str(ds, "SOPInstanceUID"),
         study_instance_uid=_str(ds, "StudyInstanceUID"),
         patient_hash=hash_patient_id(pid) if (pid := _str(ds, "PatientID")) else None,
+        patient_age_years=patient_age_years(ds),
         pixel_spacing=_spacing(ds),
         bits_stored=int(ds.get("BitsStored", bits_alloc) or bits_alloc),
         header_window=_first_window(ds),
@@ -160,6 +164,30 @@ def _decode_dataset(path: Path, ds: Any, *, max_pixels: int) -> RawImage:
         warnings=tuple(notes),
     )
     return RawImage(values=values, meta=meta, padding=padding, invert=invert, voi=voi)
+
+
+_AGE_UNITS = {"D": 1 / 365.25, "W": 7 / 365.25, "M": 1 / 12, "Y": 1.0}
+
+
+def patient_age_years(ds: Any) -> float | None:
+    """The patient's age in years: PatientAge (``nnnD/W/M/Y``; bare digits read as years, a
+    common deviation), else StudyDate minus PatientBirthDate; None when neither is usable."""
+    age = _str(ds, "PatientAge")
+    if age:
+        unit = age[-1].upper() if age[-1].isalpha() else "Y"
+        digits = age[:-1] if age[-1].isalpha() else age
+        if digits.strip().isdigit() and unit in _AGE_UNITS:
+            return int(digits) * _AGE_UNITS[unit]
+    born, seen = _str(ds, "PatientBirthDate"), _str(ds, "StudyDate")
+    try:
+        from datetime import date
+
+        b = date(int(born[:4]), int(born[4:6]), int(born[6:8]))  # type: ignore[index]
+        s = date(int(seen[:4]), int(seen[4:6]), int(seen[6:8]))  # type: ignore[index]
+    except (TypeError, ValueError):
+        return None
+    years = (s - b).days / 365.25
+    return years if 0 <= years < 130 else None
 
 
 def _infer_transfer_syntax(ds: Any) -> None:

@@ -47,6 +47,9 @@ class ImageMeta:
     sop_instance_uid: str | None = None
     study_instance_uid: str | None = None
     patient_hash: str | None = None
+    patient_age_years: float | None = None
+    """From PatientAge (``062Y``, ``018M``...), else from the birth and study dates; used only
+    to check the image against the training population's ages."""
     pixel_spacing: tuple[float, float] | None = None
     bits_stored: int | None = None
     header_window: tuple[float, float] | None = None
@@ -126,7 +129,11 @@ def render(
     pixels = out.astype(np.float32, copy=False)  # every branch returned a fresh array in [0, 1]
     if raw.invert:
         np.subtract(np.float32(1.0), pixels, out=pixels)
-        applied += ", MONOCHROME1 inverted"
+        applied += (
+            ", MONOCHROME1 inverted"
+            if meta.photometric == "MONOCHROME1"
+            else ", inverted (Presentation LUT Shape INVERSE)"
+        )
     if raw.padding is not None:
         pixels[raw.padding] = 0.0
     return XrayImage(pixels=pixels, meta=replace(meta, window_applied=applied))

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from xraycls.errors import ImageReadError
-from xraycls.io.image import RawImage
+from xraycls.io.image import ImageMeta, RawImage
 from xraycls.io.preprocess import Preprocessing, prepare
 from xraycls.io.read import load_image
 
@@ -125,6 +125,14 @@ class OODReport:
             out.append(self.intensity.message())
         return out
 
+    def reasons(self) -> str:
+        """The flags in a few words for a table cell: the first sentence of each header warning
+        and the intensity p-value (empty when nothing is flagged)."""
+        out = [w.split(". ", 1)[0].rstrip(".") for w in self.header_warnings]
+        if self.intensity is not None and self.intensity.flagged:
+            out.append(f"intensity far from training (p={self.intensity.p_value:.3f})")
+        return "; ".join(out)
+
 
 def quantile_function(pixels: np.ndarray, levels: np.ndarray = QUANTILE_LEVELS) -> np.ndarray:
     """Quantiles of an image's intensities at ``levels`` (a ~250k-pixel stride sample)."""
@@ -187,14 +195,18 @@ def intensity_check(
     )
 
 
-def header_check(raw: RawImage) -> tuple[list[str], list[str]]:
-    """Whether the DICOM header says chest radiograph (Modality, BodyPartExamined, view).
+def header_check(
+    image: ImageMeta | RawImage, *, age_range: tuple[float, float] | None = None
+) -> tuple[list[str], list[str]]:
+    """Whether the DICOM header says chest radiograph (Modality, BodyPartExamined, view) of a
+    patient of the training population's ages (``age_range`` in years, when the bundle states
+    one).
 
     Returns:
         ``(warnings, notes)``: warnings for a header that says something else, notes for what
         cannot be checked.
     """
-    meta = raw.meta
+    meta = image.meta if isinstance(image, RawImage) else image
     warns: list[str] = []
     notes: list[str] = []
     if meta.format != "dicom":
@@ -223,21 +235,50 @@ def header_check(raw: RawImage) -> tuple[list[str], list[str]]:
         warns.append(
             f"Lateral view (ViewPosition {view}): the model expects frontal (AP/PA) views."
         )
+    if age_range is not None:
+        age = meta.patient_age_years
+        lo, hi = age_range
+        if age is None:
+            notes.append("The header states no patient age: the age range cannot be checked.")
+        elif not lo <= age < hi + 1:  # "1-5 years" includes a 5.9-year-old
+            warns.append(
+                f"Patient age {age:.0f} years is outside the training population's "
+                f"{lo:g}-{hi:g} years. The model has not been validated on such patients."
+            )
     return warns, notes
 
 
 def check_ood(
-    raw: RawImage, content: np.ndarray, reference: IntensityReference | None
+    image: ImageMeta | RawImage | None,
+    content: np.ndarray,
+    reference: IntensityReference | None,
+    *,
+    age_range: tuple[float, float] | None = None,
 ) -> OODReport:
-    """Header check plus, when a reference is available, the intensity check on ``content``
-    (the model input without letterbox bars)."""
-    warns, notes = header_check(raw)
+    """Header check (when the header is known) plus, when a reference is available, the
+    intensity check on ``content`` (the model input without letterbox bars)."""
+    warns, notes = header_check(image, age_range=age_range) if image is not None else ([], [])
     report = OODReport(header_warnings=warns, notes=notes)
     if reference is None:
         report.notes.append("No training intensity reference: the intensity check was skipped.")
     else:
         report.intensity = intensity_check(content, reference)
     return report
+
+
+@dataclass(frozen=True)
+class OODCriteria:
+    """What a bundle knows of its training inputs: the intensity reference of its images and
+    the training population's ages. Checks an image against both (and its header's modality,
+    body part and view)."""
+
+    reference: IntensityReference | None = None
+    age_range: tuple[float, float] | None = None
+    """Years, as the training data documents them (``data.age_range``)."""
+
+    def check(self, image: ImageMeta | RawImage | None, content: np.ndarray) -> OODReport:
+        """:func:`check_ood` with these criteria."""
+        return check_ood(image, content, self.reference, age_range=self.age_range)
 
 
 def reference_from_files(

@@ -43,6 +43,7 @@ from xraycls.evaluation.metrics import (
     bootstrap_ci,
     delong_test,
     ece,
+    per_class_calibration,
     reliability_curve,
     softmax,
     threshold_for,
@@ -140,6 +141,10 @@ def compare_runs(
             "ece_adaptive_before": ece(v.raw, y, adaptive=True)[0],
             "ece_adaptive_after": ece(v.calibrated, y, adaptive=True)[0],
             "auroc_per_class": _per_class_auroc(v.raw, y, classes),
+            "calibration_per_class": {
+                c: {k: d[k] for k in ("ece", "intercept", "slope")}
+                for c, d in per_class_calibration(v.calibrated, y, classes).items()
+            },
             "train_seconds_per_image": v.metrics.get("train_seconds_per_image"),
             "inference_seconds_per_image": v.metrics.get("inference_seconds_per_image"),
             "wall_seconds": v.metrics.get("wall_seconds"),
@@ -205,12 +210,12 @@ def _view(name: str, run: Path, oof: OutOfFold) -> RunView:
     bundle = Bundle.read(run)
     metrics = bundle.metrics()
     cal = bundle.calibration() or {}
-    method = (cal.get("calibrator") or {}).get("method") or (metrics.get("calibration") or {}).get(
-        "method"
-    )
+    entry = (cal.get("configurations") or {}).get(cal.get("default"), {})
+    # The method the run's own calibration chose, applied to its fold models' OOF logits.
+    method = entry.get("method")
     raw = softmax(oof.logits)
     calibrated = crossfit_probs(oof, method) if method else raw
-    target = cal.get("threshold") or {}
+    target = entry.get("threshold") or {}
     rule, decisions = _decisions(
         oof.logits, oof.labels, oof.folds, method, target.get("target"), target.get("value")
     )
@@ -523,6 +528,25 @@ def render_markdown(report: dict[str, Any], run_dirs: list[str]) -> str:
             + ".",
             "",
         ]
+    lines += [
+        "## Calibration per class (cross-fitted by fold)",
+        "",
+        "Top-label ECE pools P = 0.15 for one class with P = 0.85 for the other, so opposite "
+        "errors cancel. Per class: the ECE of P(class) against its observed rate, and the "
+        "calibration intercept (0 = right on average; > 0 = under-predicts) and slope (1 = right "
+        "spread; < 1 = too extreme).",
+        "",
+        "| model | " + " | ".join(f"{c}: ECE / intercept / slope" for c in classes) + " |",
+        "|---|" + "---|" * len(classes),
+    ]
+    for r in rows:
+        per = r["calibration_per_class"]
+        cells = [
+            f"{per[c]['ece']:.3f} / {per[c]['intercept']:+.2f} / {per[c]['slope']:.2f}"
+            for c in classes
+        ]
+        lines.append(f"| {r['name']} | " + " | ".join(cells) + " |")
+    lines.append("")
     if not binary:
         lines += [
             "## AUROC per class (one-vs-rest, OOF)",

@@ -49,6 +49,10 @@ class DataConfig(_Strict):
     """Class order (the last one is "positive" for binary metrics); default: sorted labels."""
     limit: int | None = Field(default=None, ge=4)
     """Use a stratified, patient-grouped subset of this many images (smoke runs)."""
+    age_range: tuple[float, float] | None = None
+    """The training population's ages in years as the data set documents them (the Kermany set:
+    ``[1, 5]``). Stored in the bundle: images whose DICOM age is outside are flagged
+    out-of-distribution wherever a prediction is written."""
     resize: Literal["letterbox", "squash"] = "letterbox"
     window: Literal["auto", "header", "none", "percentile"] = "auto"
     cache_dir: Path | None = None
@@ -136,20 +140,28 @@ class TrainConfig(_Strict):
 
 
 class CVConfig(_Strict):
-    """Patient-grouped cross-validation."""
+    """Patient-grouped cross-validation, and the holdout that calibrates what the bundle serves."""
 
     folds: int = Field(default=5, ge=2)
     refit: bool = False
-    """Also train one model on all data (the bundle's ``weights.safetensors``)."""
+    """Also train one model on all development data (the bundle's ``weights.safetensors``)."""
+    calibration_holdout: float = Field(default=0.2, ge=0, lt=0.5)
+    """Fraction of patients set aside before cross-validation: no model of the bundle trains
+    on them, so the served models' calibration and operating threshold are fitted (and
+    validated, cross-fitted) on data they never saw. 0 ships uncalibrated probabilities."""
 
 
 class CalibrationConfig(_Strict):
-    """Fitted on the pooled out-of-fold logits at the end of ``xraycls train``."""
+    """Fitted on the calibration holdout at the end of ``xraycls train``, per served model."""
 
-    method: Literal["temperature", "platt", "isotonic", "none"] = "temperature"
+    method: Literal["auto", "temperature", "platt", "vector", "isotonic", "none"] = "auto"
+    """``auto`` picks, by cross-fitted NLL on the holdout, between temperature scaling and a
+    calibrator with intercepts (Platt for two classes, vector scaling for more)."""
     threshold_target: Literal["sensitivity", "specificity", "youden"] = "sensitivity"
-    """Binary runs: how the stored operating threshold is chosen on calibrated OOF probabilities."""
+    """Binary runs: how the stored operating threshold is chosen on calibrated probabilities."""
     threshold_value: float | None = Field(default=0.95, gt=0, le=1)
+    n_boot: int = Field(default=1000, ge=100)
+    """Bootstrap resamples of every interval the bundle reports."""
 
 
 class Config(_Strict):
@@ -167,6 +179,13 @@ class Config(_Strict):
     def _consistent(self) -> Config:
         if self.data.limit is not None and self.data.limit < 2 * self.cv.folds:
             raise ValueError(f"data.limit={self.data.limit} is too small for {self.cv.folds} folds")
+        if self.calibration.method != "none" and self.cv.calibration_holdout == 0:
+            raise ValueError(
+                "calibration.method needs data no model saw: set cv.calibration_holdout > 0, "
+                "or calibration.method: none (uncalibrated probabilities, no threshold)"
+            )
+        if self.calibration.threshold_target == "youden":
+            self.calibration.threshold_value = None
         return self
 
     def to_yaml(self) -> str:

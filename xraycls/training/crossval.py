@@ -25,14 +25,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from xraycls.bundle.calibration import calibrate_run
+from xraycls.bundle.calibration import calibrate_run, served_line
 from xraycls.bundle.card import write_model_card
 from xraycls.bundle.format import (
+    HOLDOUT_FILE,
     INTENSITY_FILE,
     METRICS_FILE,
     OutOfFold,
+    ServedPredictions,
     write_bundle_meta,
     write_oof,
+    write_served,
 )
 from xraycls.errors import ConfigError
 from xraycls.evaluation.metrics import classification_metrics, softmax
@@ -43,10 +46,10 @@ from xraycls.io.preprocess import ImageCache, Preprocessing
 from xraycls.models.runtime import resolve_amp, resolve_device
 from xraycls.models.weights import load_weights, normalization_for, save_weights
 from xraycls.training.config import Config
-from xraycls.training.data import load_table, preflight
+from xraycls.training.data import Table, load_table, preflight
 from xraycls.training.floor import floor_features, floor_oof_probs
-from xraycls.training.fold import RunContext, train_fold
-from xraycls.training.splits import patient_folds
+from xraycls.training.fold import RunContext, load_trained, predict_logits, train_fold
+from xraycls.training.splits import holdout_split, patient_folds
 
 
 @dataclass
@@ -77,7 +80,7 @@ def run_training(
         ConfigError: ``out`` holds a run made with a different config, or the data is unusable.
     """
     t0 = time.perf_counter()
-    ctx = _prepare(cfg, Path(out), log=log, progress=progress)
+    ctx, holdout = _prepare(cfg, Path(out), log=log, progress=progress)
     table = ctx.table
     folds = patient_folds(table.labels, table.groups, folds=cfg.cv.folds, seed=cfg.seed)
     _write_csv(
@@ -85,6 +88,10 @@ def run_training(
         [
             {"path": p, "patient_id": g, "fold": int(f)}
             for p, g, f in zip(table.paths, table.groups, folds, strict=True)
+        ]
+        + [
+            {"path": p, "patient_id": g, "fold": "holdout"}
+            for p, g in zip(holdout.paths, holdout.groups, strict=True)
         ],
         ["path", "patient_id", "fold"],
     )
@@ -117,8 +124,11 @@ def run_training(
         classes=table.classes,
         floor=_floor(ctx, folds),
     )
+    if len(holdout):
+        write_served(ctx.out / HOLDOUT_FILE, _served_predictions(ctx, holdout))
     metrics = _run_metrics(ctx, oof, fold_metrics, timings) | {
-        "wall_seconds": time.perf_counter() - t0
+        "n_holdout_images": len(holdout),
+        "wall_seconds": time.perf_counter() - t0,
     }
     _write_bundle(ctx, oof, metrics)
     pooled, floor = metrics["pooled_oof"], metrics["floor_logreg_32px"]
@@ -129,8 +139,12 @@ def run_training(
     return TrainResult(ctx.out, metrics, metrics["wall_seconds"])
 
 
-def _prepare(cfg: Config, out: Path, *, log: Callable[[str], None], progress: Any) -> RunContext:
-    """Check everything that can be checked before an epoch runs, then read the data."""
+def _prepare(
+    cfg: Config, out: Path, *, log: Callable[[str], None], progress: Any
+) -> tuple[RunContext, Table]:
+    """Check everything that can be checked before an epoch runs, then read the data and set
+    the calibration holdout aside. Returns the run's context (its table: the development data)
+    and the holdout."""
     from xraycls.models import get_spec
 
     try:
@@ -149,12 +163,42 @@ def _prepare(cfg: Config, out: Path, *, log: Callable[[str], None], progress: An
     _write_csv(out / "excluded.csv", excluded, ["path", "error"])
     if excluded:
         log(f"{len(excluded)} unreadable images excluded (see {out / 'excluded.csv'})")
+    try:
+        dev, hold = holdout_split(
+            table.labels, table.groups, fraction=cfg.cv.calibration_holdout, seed=cfg.seed
+        )
+    except ValueError as e:
+        raise ConfigError(f"cv.calibration_holdout: {e}") from e
     log(
         f"{len(table)} images, {len(np.unique(table.groups))} patients, classes {table.classes}; "
-        f"{cfg.model.name} at {cfg.model.image_size}px on {device} ({amp.describe()}); "
-        f"{cfg.cv.folds}-fold CV"
+        f"{len(hold)} images of {len(np.unique(table.groups[hold]))} patients held out to "
+        f"calibrate the served models; {cfg.model.name} at {cfg.model.image_size}px on {device} "
+        f"({amp.describe()}); {cfg.cv.folds}-fold CV on the rest"
     )
-    return RunContext(cfg, out, table, prep, cache, device, amp, log, progress)
+    ctx = RunContext(cfg, out, table.subset(dev), prep, cache, device, amp, log, progress)
+    return ctx, table.subset(hold)
+
+
+def _served_predictions(ctx: RunContext, holdout: Table) -> ServedPredictions:
+    """The logits of each servable configuration on the holdout, which none of its models saw:
+    the fold ensemble's (mean over the fold models, as the predictor averages them) and the
+    refit model's."""
+    members = [ctx.out / f"fold{k}" / "weights.safetensors" for k in range(ctx.cfg.cv.folds)]
+    logits = {
+        "folds": np.mean(
+            [predict_logits(ctx, load_trained(ctx, w), holdout)[0] for w in members], axis=0
+        )
+    }
+    if ctx.cfg.cv.refit:
+        refit = load_trained(ctx, ctx.out / "weights.safetensors")
+        logits["refit"] = predict_logits(ctx, refit, holdout)[0]
+    return ServedPredictions(
+        paths=holdout.paths,
+        groups=holdout.groups,
+        labels=holdout.labels,
+        classes=holdout.classes,
+        logits=logits,
+    )
 
 
 def _floor(ctx: RunContext, folds: np.ndarray) -> np.ndarray:
@@ -212,6 +256,7 @@ def _write_bundle(ctx: RunContext, oof: OutOfFold, metrics: dict[str, Any]) -> N
         prep=ctx.prep,
         folds=cfg.cv.folds,
         refit=cfg.cv.refit,
+        age_range=cfg.data.age_range,
     )
     _plot_curves(ctx.out)
     if cfg.calibration.method != "none":
@@ -220,13 +265,11 @@ def _write_bundle(ctx: RunContext, oof: OutOfFold, metrics: dict[str, Any]) -> N
             method=cfg.calibration.method,
             threshold_target=cfg.calibration.threshold_target,
             threshold_value=cfg.calibration.threshold_value,
+            n_boot=cfg.calibration.n_boot,
         )
-        metrics["calibration"] = cal
-        ctx.log(
-            f"calibration ({cal['method']}, fitted on OOF logits): ECE {cal['before']['ece']:.4f} -> "
-            f"{cal['after_crossfit']['ece']:.4f} (cross-fitted)"
-        )
-    write_model_card(ctx.out)
+        for name, entry in cal["configurations"].items():
+            ctx.log(served_line(name, entry))
+    write_model_card(ctx.out, n_boot=cfg.calibration.n_boot)
     reference = reference_from_files(ctx.table.paths, ctx.prep)
     if reference is not None:  # for the out-of-distribution check wherever the bundle goes
         write_json_atomic(ctx.out / INTENSITY_FILE, reference.to_dict())

@@ -113,7 +113,7 @@ def train_fold(
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
     train_set, val_set = _fold_datasets(ctx, train_idx, seed)
-    model = _build_model(ctx)
+    model = build_model(ctx)
     state = _run_epochs(ctx, name, model, train_set, val_set, seed)
     model.load_state_dict(load_weights(fold_dir / "best.safetensors"))
     save_weights(
@@ -179,7 +179,7 @@ def _fold_datasets(
     return train_set, val_set
 
 
-def _build_model(ctx: RunContext) -> torch.nn.Module:
+def build_model(ctx: RunContext) -> torch.nn.Module:
     from xraycls.models import create_model
 
     cfg = ctx.cfg
@@ -201,21 +201,32 @@ def _predict_held_out(
     """Logits of the held-out fold in ``test_idx`` order, and seconds per image."""
     if test_idx is None or not len(test_idx):
         return np.zeros((0, len(ctx.table.classes)), np.float32), None
-    test_set = XrayDataset(
-        ctx.table.subset(test_idx),
-        ctx.prep,
-        cache=ctx.cache,
-        normalization=normalization_for(ctx.cfg.model.name),
+    return predict_logits(ctx, model, ctx.table.subset(test_idx))
+
+
+def predict_logits(
+    ctx: RunContext, model: torch.nn.Module, table: Table
+) -> tuple[np.ndarray, float]:
+    """A model's logits for every image of ``table`` (in table order) and seconds per image."""
+    dataset = XrayDataset(
+        table, ctx.prep, cache=ctx.cache, normalization=normalization_for(ctx.cfg.model.name)
     )
     ev = evaluate(
         model,
-        make_loader(test_set, ctx.cfg),
+        make_loader(dataset, ctx.cfg),
         classes=ctx.table.classes,
         amp=ctx.amp,
         device=ctx.device,
         channels_last=_channels_last(ctx.cfg.train.channels_last, model),
     )
-    return ev["logits"][np.argsort(ev["index"])], ev["seconds"] / len(test_idx)
+    return ev["logits"][np.argsort(ev["index"])], ev["seconds"] / max(1, len(table))
+
+
+def load_trained(ctx: RunContext, weights: Path) -> torch.nn.Module:
+    """A trained model of this run, from its weights file."""
+    model = build_model(ctx)
+    model.load_state_dict(load_weights(weights))
+    return model
 
 
 # --------------------------------------------------------------------------- the epochs
