@@ -84,6 +84,7 @@ def bundle(pool: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> P
             "cv.folds=2",
             "cv.calibration_holdout=0.3",
             "calibration.n_boot=500",
+            "train.threads=2",  # the same reductions whatever earlier tests set
         ],
     )
     out = tmp_path_factory.mktemp("heldout_run")
@@ -140,9 +141,14 @@ def test_sensitivity_at_the_threshold_and_ece_fall_inside_the_stated_intervals(
     sensitivity = float(np.mean(p[y == 1, 1] >= t))
     s = stated["at_threshold"]["sensitivity"]
     assert s["low"] <= sensitivity <= s["high"], (sensitivity, s)
+    # Specificity rests on the few negatives of both sets (about a quarter of the pool), so the
+    # unseen estimate carries its own sampling error: it must be consistent with the stated
+    # interval once that error (2 binomial SE) is allowed for.
+    negatives = int(np.sum(y == 0))
     specificity = float(np.mean(p[y == 0, 1] < t))
+    se = float(np.sqrt(specificity * (1 - specificity) / negatives))
     sp = stated["at_threshold"]["specificity"]
-    assert sp["low"] <= specificity <= sp["high"], (specificity, sp)
+    assert sp["low"] - 2 * se <= specificity <= sp["high"] + 2 * se, (specificity, se, sp)
     # ECE is biased upward on small samples; the bundle states it for its calibration set's
     # size, so compare like with like: the mean over unseen subsets of that size.
     n = entry["data"]["n_images"]

@@ -162,12 +162,23 @@ def train(
         Path | None,
         typer.Option(help="Run folder (default runs/<config name>); re-running resumes it."),
     ] = None,
+    nproc: Annotated[
+        int,
+        typer.Option(
+            help="Data-parallel processes on this machine (one per GPU, or CPU processes): "
+            "runs `torchrun --standalone --nproc_per_node N -m xraycls train ...`.",
+            min=1,
+        ),
+    ] = 1,
 ) -> None:
     """Cross-validate a backbone by patient and write a run bundle.
 
     Prints per-fold and pooled out-of-fold AUROC. The bundle holds config.yaml, per-fold
     safetensors weights, labels.json, metrics.json, oof_predictions.csv and training curves.
+    Under torchrun (or with --nproc N) each process trains a shard of every batch.
     """
+    import os
+
     from xraycls.errors import ConfigError
     from xraycls.training.config import load_config
 
@@ -177,25 +188,44 @@ def train(
         console.print(f"[red]config error:[/red] {e}")
         raise typer.Exit(2) from e
     run_dir = out or Path("runs") / config.stem
+    if nproc > 1:
+        _torchrun(nproc, config, set_ or [], run_dir)
     from xraycls.models import PretrainedWeightsError
     from xraycls.training.crossval import run_training
 
+    main_rank = os.environ.get("RANK", "0") == "0"  # other ranks stay quiet
     try:
         with _progress(loss=True) as bar:
             result = run_training(
                 cfg,
                 run_dir,
                 log=lambda m: console.print(m, markup=False, highlight=False),
-                progress=bar,
+                progress=bar if main_rank else None,
             )
     except (ConfigError, PretrainedWeightsError) as e:
         console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from e
+    if not main_rank:
+        return
     pooled = result.metrics["pooled_oof"]
     typer.echo(
         f"train: pooled OOF AUROC {pooled['auroc']:.4f} (accuracy {pooled['accuracy']:.4f}, "
         f"{result.metrics['n_images']} images, {cfg.cv.folds} folds) in {result.seconds:.0f} s -> {run_dir}"
     )
+
+
+def _torchrun(nproc: int, config: Path, overrides: list[str], out: Path) -> None:
+    """Re-run this ``train`` under torchrun with ``nproc`` local processes (never returns)."""
+    import os
+    import sys
+
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone",
+        f"--nproc_per_node={nproc}", "-m", "xraycls", "train", "--config", str(config),
+        "--out", str(out), *[arg for o in overrides for arg in ("--set", o)],
+    ]  # fmt: skip
+    typer.echo(f"train: {' '.join(cmd[1:])}")
+    os.execv(sys.executable, cmd)
 
 
 @app.command()

@@ -335,13 +335,15 @@ def _validate(
     classes: list[str],
     n_boot: int,
 ) -> dict[str, Any]:
-    def ci(metric: Callable[[np.ndarray, np.ndarray], float], values: np.ndarray) -> dict:
-        return interval(metric, values, y, groups, n_boot=n_boot)
+    def ci(
+        metric: Callable[[np.ndarray, np.ndarray], float], values: np.ndarray, **kw: Any
+    ) -> dict:
+        return interval(metric, values, y, groups, n_boot=n_boot, **kw)
 
     out: dict[str, Any] = {
         "auroc": ci(auroc, raw),
-        "ece_uncalibrated": ci(lambda p, t: ece(p, t)[0], raw),
-        "ece": ci(lambda p, t: ece(p, t)[0], calibrated),
+        "ece_uncalibrated": ci(lambda p, t: ece(p, t)[0], raw, basic=True),
+        "ece": ci(lambda p, t: ece(p, t)[0], calibrated, basic=True),
         "brier": ci(brier, calibrated),
         "nll": ci(nll, calibrated),
         "accuracy_argmax": ci(lambda p, t: float(np.mean(p.argmax(1) == t)), calibrated),
@@ -349,7 +351,7 @@ def _validate(
     }
     for c, name in enumerate(classes):
         out["per_class"][name]["ece"] = ci(
-            lambda p, t, c=c: event_ece(p[:, c], (t == c).astype(float)), calibrated
+            lambda p, t, c=c: event_ece(p[:, c], (t == c).astype(float)), calibrated, basic=True
         )
     if decisions is not None:
         point = binary_metrics_at(decisions.astype(float), y, 0.5)
@@ -370,13 +372,14 @@ def interval(
     groups: np.ndarray | None,
     *,
     n_boot: int = 1000,
+    basic: bool = False,
 ) -> dict[str, float]:
     """``{value, low, high}``: a metric with its patient-level stratified bootstrap 95% interval
-    (NaN where it is undefined)."""
+    (NaN where it is undefined; ``basic`` for calibration errors, see :func:`bootstrap_ci`)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            v, lo, hi = bootstrap_ci(metric, values, y, groups=groups, n_boot=n_boot)
+            v, lo, hi = bootstrap_ci(metric, values, y, groups=groups, n_boot=n_boot, basic=basic)
         except ValueError:
             return {"value": math.nan, "low": math.nan, "high": math.nan}
     return {"value": v, "low": lo, "high": hi}

@@ -170,7 +170,7 @@ def _headline(
 ) -> dict[str, Any]:
     out: dict[str, Any] = {
         "auroc": interval(auroc, probs, y, groups, n_boot=n_boot),
-        "ece": interval(lambda p, t: ece(p, t)[0], probs, y, groups, n_boot=n_boot),
+        "ece": interval(lambda p, t: ece(p, t)[0], probs, y, groups, n_boot=n_boot, basic=True),
         "brier": interval(brier, probs, y, groups, n_boot=n_boot),
         "nll": interval(nll, probs, y, groups, n_boot=n_boot),
     }

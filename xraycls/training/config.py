@@ -164,6 +164,24 @@ class CalibrationConfig(_Strict):
     """Bootstrap resamples of every interval the bundle reports."""
 
 
+class MlflowConfig(_Strict):
+    """Where and how a run is logged to MLflow (see :mod:`xraycls.training.tracking`)."""
+
+    tracking_uri: str | None = None
+    """Default: a SQLite store inside the run folder (``sqlite:///<run>/mlflow/mlflow.db``)."""
+    experiment: str = "xraycls"
+    run_name: str | None = None
+    """Default: the run folder's name."""
+    log_bundle: bool = True
+    """Upload the bundle (weights included) as artifacts at the end."""
+
+
+class TrackingConfig(_Strict):
+    """Experiment tracking; off unless a backend is configured (and then only imported)."""
+
+    mlflow: MlflowConfig | None = None
+
+
 class Config(_Strict):
     """A whole experiment."""
 
@@ -174,6 +192,7 @@ class Config(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     cv: CVConfig = Field(default_factory=CVConfig)
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @model_validator(mode="after")
     def _consistent(self) -> Config:

@@ -31,6 +31,7 @@ from xraycls.bundle.format import (
     HOLDOUT_FILE,
     INTENSITY_FILE,
     METRICS_FILE,
+    Bundle,
     OutOfFold,
     ServedPredictions,
     write_bundle_meta,
@@ -43,13 +44,21 @@ from xraycls.io.files import write_json_atomic, write_text_atomic
 from xraycls.io.manifest import read_table, write_table
 from xraycls.io.ood import reference_from_files
 from xraycls.io.preprocess import ImageCache, Preprocessing
-from xraycls.models.runtime import resolve_amp, resolve_device
+from xraycls.models.runtime import resolve_amp
 from xraycls.models.weights import load_weights, normalization_for, save_weights
 from xraycls.training.config import Config
 from xraycls.training.data import Table, load_table, preflight
+from xraycls.training.distributed import (
+    DistContext,
+    barrier,
+    check_batch,
+    init_distributed,
+    shutdown,
+)
 from xraycls.training.floor import floor_features, floor_oof_probs
 from xraycls.training.fold import RunContext, load_trained, predict_logits, train_fold
 from xraycls.training.splits import holdout_split, patient_folds
+from xraycls.training.tracking import final_metrics, make_tracker
 
 
 @dataclass
@@ -76,14 +85,48 @@ def run_training(
 ) -> TrainResult:
     """Cross-validate ``cfg`` and write the run bundle to ``out`` (resuming what is there).
 
+    Started by ``torchrun``, every process trains its shard of each batch (data-parallel, see
+    :mod:`xraycls.training.distributed`); rank 0 logs and writes the bundle.
+
     Raises:
         ConfigError: ``out`` holds a run made with a different config, or the data is unusable.
     """
+    dist, device = init_distributed(cfg.train.device)
+    if not dist.main:
+        log, progress = (lambda m: None), None
+    try:
+        return _run(cfg, Path(out), dist, device, log=log, progress=progress)
+    finally:
+        shutdown(dist)
+
+
+def _run(
+    cfg: Config,
+    out: Path,
+    dist: DistContext,
+    device: torch.device,
+    *,
+    log: Callable[[str], None],
+    progress: Any,
+) -> TrainResult:
     t0 = time.perf_counter()
-    ctx, holdout = _prepare(cfg, Path(out), log=log, progress=progress)
+    ctx, holdout = _prepare(cfg, out, dist, device, log=log, progress=progress)
+    try:
+        result = _cross_validate(ctx, holdout, t0)
+    except BaseException as e:
+        ctx.tracker.finish("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        raise
+    ctx.tracker.finish()
+    return result
+
+
+def _cross_validate(ctx: RunContext, holdout: Table, t0: float) -> TrainResult:
+    """The folds, the refit model, then (rank 0) the bundle."""
+    cfg, dist, log = ctx.cfg, ctx.dist, ctx.log
     table = ctx.table
     folds = patient_folds(table.labels, table.groups, folds=cfg.cv.folds, seed=cfg.seed)
     _write_csv(
+        ctx,
         ctx.out / "folds.csv",
         [
             {"path": p, "patient_id": g, "fold": int(f)}
@@ -104,17 +147,40 @@ def run_training(
         m = classification_metrics(softmax(result.logits), table.labels[test], table.classes)
         fold_metrics.append({"fold": k, **m, "best_epoch": result.best_epoch})
         timings.append(result.timing)
+        ctx.tracker.log_metrics(
+            {f"fold{k}/{n}": m[n] for n in ("auroc", "accuracy")}
+            | {f"fold{k}/best_epoch": result.best_epoch}
+        )
         log(
             f"fold {k}: AUROC {m['auroc']:.4f}, accuracy {m['accuracy']:.4f} "
             f"(best inner epoch {result.best_epoch})"
         )
     if cfg.cv.refit:
         refit = train_fold(ctx, "refit", seed=cfg.seed + 1000, train_idx=np.arange(len(table)))
-        save_weights(
-            ctx.out / "weights.safetensors", load_weights(ctx.out / "refit" / "weights.safetensors")
-        )
+        if dist.main:
+            save_weights(
+                ctx.out / "weights.safetensors",
+                load_weights(ctx.out / "refit" / "weights.safetensors"),
+            )
         timings.append(refit.timing)
+    if dist.main:
+        _finish(ctx, holdout, folds, oof_logits, fold_metrics, timings, t0)
+    barrier(dist)  # the other ranks read what rank 0 wrote
+    metrics = Bundle.read(ctx.out).metrics()
+    return TrainResult(ctx.out, metrics, metrics["wall_seconds"])
 
+
+def _finish(
+    ctx: RunContext,
+    holdout: Table,
+    folds: np.ndarray,
+    oof_logits: np.ndarray,
+    fold_metrics: list[dict[str, Any]],
+    timings: list[dict[str, float | None]],
+    t0: float,
+) -> None:
+    """Rank 0's end of a run: the floor, the holdout predictions, metrics and the bundle."""
+    table = ctx.table
     oof = OutOfFold(
         paths=table.paths,
         groups=table.groups,
@@ -131,16 +197,37 @@ def run_training(
         "wall_seconds": time.perf_counter() - t0,
     }
     _write_bundle(ctx, oof, metrics)
+    _track_results(ctx)
     pooled, floor = metrics["pooled_oof"], metrics["floor_logreg_32px"]
-    log(
+    ctx.log(
         f"pooled OOF AUROC {pooled['auroc']:.4f}, accuracy {pooled['accuracy']:.4f}; floor (logistic "
         f"regression on 32x32 pixels, same folds) AUROC {floor['auroc']:.4f} -> {ctx.out}"
     )
-    return TrainResult(ctx.out, metrics, metrics["wall_seconds"])
+
+
+def _track_results(ctx: RunContext) -> None:
+    """The run's final metrics, plots, report and (optionally) the bundle to the tracker."""
+    out = ctx.out
+    ctx.tracker.log_metrics(final_metrics(Bundle.read(out).metrics()))
+    ctx.tracker.log_artifacts([out / "training_curves.png"], "plots")
+    report = ["metrics.json", "MODEL_CARD.md", "calibration.json", "oof_predictions.csv"]
+    ctx.tracker.log_artifacts([out / f for f in report], "report")
+    mlflow = ctx.cfg.tracking.mlflow
+    if mlflow is not None and mlflow.log_bundle:
+        files = [out / f for f in ("config.yaml", "bundle.json", "labels.json")]
+        files += [out / f for f in ("calibration.json", INTENSITY_FILE, "weights.safetensors")]
+        files += sorted(out.glob("fold*/weights.safetensors"))
+        ctx.tracker.log_artifacts(files, "bundle")
 
 
 def _prepare(
-    cfg: Config, out: Path, *, log: Callable[[str], None], progress: Any
+    cfg: Config,
+    out: Path,
+    dist: DistContext,
+    device: torch.device,
+    *,
+    log: Callable[[str], None],
+    progress: Any,
 ) -> tuple[RunContext, Table]:
     """Check everything that can be checked before an epoch runs, then read the data and set
     the calibration holdout aside. Returns the run's context (its table: the development data)
@@ -151,16 +238,18 @@ def _prepare(
         get_spec(cfg.model.name)  # a misspelt backbone fails here, not after data loading
     except ValueError as e:
         raise ConfigError(f"model.name: {e}") from e
-    device = resolve_device(cfg.train.device)
+    check_batch(dist, cfg.train.batch_size)
     amp = resolve_amp(cfg.train.amp, device)
-    _claim_run_dir(out, cfg)
+    _claim_run_dir(out, cfg, write=dist.main)
+    barrier(dist)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     prep = preprocessing_for(cfg)
     cache = ImageCache(cfg.data.cache_dir) if cfg.data.cache_dir else None
     table = load_table(cfg.data, prep, seed=cfg.seed, log=log)
     table, excluded = preflight(table, prep, cache)
-    _write_csv(out / "excluded.csv", excluded, ["path", "error"])
+    if dist.main:
+        write_table(out / "excluded.csv", excluded, ["path", "error"])
     if excluded:
         log(f"{len(excluded)} unreadable images excluded (see {out / 'excluded.csv'})")
     try:
@@ -173,9 +262,15 @@ def _prepare(
         f"{len(table)} images, {len(np.unique(table.groups))} patients, classes {table.classes}; "
         f"{len(hold)} images of {len(np.unique(table.groups[hold]))} patients held out to "
         f"calibrate the served models; {cfg.model.name} at {cfg.model.image_size}px on {device} "
-        f"({amp.describe()}); {cfg.cv.folds}-fold CV on the rest"
+        f"({amp.describe()})"
+        + (f" x {dist.world} processes" if dist.enabled else "")
+        + f"; {cfg.cv.folds}-fold CV on the rest"
     )
-    ctx = RunContext(cfg, out, table.subset(dev), prep, cache, device, amp, log, progress)
+    tracker = make_tracker(cfg.tracking, out, main=dist.main)
+    tracker.log_params(cfg.model_dump(mode="json"))
+    ctx = RunContext(
+        cfg, out, table.subset(dev), prep, cache, device, amp, log, progress, dist, tracker
+    )
     return ctx, table.subset(hold)
 
 
@@ -278,7 +373,7 @@ def _write_bundle(ctx: RunContext, oof: OutOfFold, metrics: dict[str, Any]) -> N
 # --------------------------------------------------------------------------- files
 
 
-def _claim_run_dir(out: Path, cfg: Config) -> None:
+def _claim_run_dir(out: Path, cfg: Config, *, write: bool = True) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError) as e:
@@ -293,14 +388,17 @@ def _claim_run_dir(out: Path, cfg: Config) -> None:
         raise ConfigError(
             f"{out} holds a run with a different config ({saved}); use another --out or delete it"
         )
+    if not write:
+        return
     try:
         write_text_atomic(saved, text)
     except PermissionError as e:
         raise ConfigError(f"--out {out}: not writable ({e.strerror})") from e
 
 
-def _write_csv(path: Path, rows: list[dict[str, Any]], cols: list[str]) -> None:
-    write_table(path, rows, cols)
+def _write_csv(ctx: RunContext, path: Path, rows: list[dict[str, Any]], cols: list[str]) -> None:
+    if ctx.dist.main:
+        write_table(path, rows, cols)
 
 
 def _count_rows(path: Path) -> int:

@@ -7,6 +7,7 @@ continues on exactly the same schedule without pickling a scheduler.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 import time
@@ -17,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from xraycls.evaluation.metrics import classification_metrics
+from xraycls.evaluation.metrics import classification_metrics, softmax
 from xraycls.models.runtime import Amp
 from xraycls.training.config import StageConfig
 
@@ -127,16 +128,20 @@ def train_one_epoch(
     channels_last: bool = False,
     schedule: Callable[[], None] | None = None,
     on_batch: Callable[[float], None] | None = None,
+    ddp: nn.Module | None = None,
 ) -> dict[str, float]:
-    """One pass over ``loader``; returns ``loss`` (mean), ``images`` and ``seconds``.
+    """One pass over ``loader``; returns ``loss`` (mean), ``images``, ``steps`` and ``seconds``.
 
     Args:
         schedule: Called before each optimizer step (sets the learning rate for that step).
         on_batch: Called with each batch's loss (progress bars).
+        ddp: ``model`` wrapped in DistributedDataParallel (data-parallel training): the forward
+            goes through it, and gradients are all-reduced only on the micro-batch that steps.
     """
     train_mode(model)
+    forward = ddp if ddp is not None else model
     t0 = time.perf_counter()
-    total, count = 0.0, 0
+    total, count, steps = 0.0, 0, 0
     optimizer.zero_grad(set_to_none=True)
     batches = len(loader)
     for i, batch in enumerate(loader):
@@ -144,15 +149,19 @@ def train_one_epoch(
         y = batch["label"].to(device, non_blocking=True)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with amp.autocast():
-            loss = loss_fn(model(x).float(), y)
-        scaler.scale(loss / accumulate).backward()
-        if (i + 1) % accumulate == 0 or i + 1 == batches:
+        stepping = (i + 1) % accumulate == 0 or i + 1 == batches
+        sync = ddp.no_sync() if ddp is not None and not stepping else contextlib.nullcontext()
+        with sync:
+            with amp.autocast():
+                loss = loss_fn(forward(x).float(), y)
+            scaler.scale(loss / accumulate).backward()
+        if stepping:
             if schedule is not None:
                 schedule()
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
+            steps += 1
         total += float(loss.detach()) * len(y)
         count += len(y)
         if on_batch is not None:
@@ -160,6 +169,7 @@ def train_one_epoch(
     return {
         "loss": total / max(1, count),
         "images": float(count),
+        "steps": float(steps),
         "seconds": time.perf_counter() - t0,
     }
 
@@ -191,24 +201,31 @@ def evaluate(
     amp: Amp,
     device: torch.device,
     channels_last: bool = False,
+    gather: Callable[..., tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None,
 ) -> dict[str, Any]:
-    """Loss and classification metrics on ``loader``; also returns ``logits``/``labels``/``index``."""
+    """Loss and classification metrics on ``loader``; also returns ``logits``/``labels``/``index``.
+
+    Args:
+        gather: For data-parallel runs, collects every rank's predictions (see
+            :func:`xraycls.training.distributed.gather_predictions`).
+    """
     t0 = time.perf_counter()
     logits, labels, index = predict(
         model, loader, amp=amp, device=device, channels_last=channels_last
     )
+    if gather is not None:  # data-parallel: every rank's shard, on every rank
+        logits, labels, index = gather(logits, labels, index)
+    return score(logits, labels, index, classes) | {"seconds": time.perf_counter() - t0}
+
+
+def score(
+    logits: np.ndarray, labels: np.ndarray, index: np.ndarray, classes: list[str]
+) -> dict[str, Any]:
+    """Loss and classification metrics of predictions; also returns them."""
     t = torch.from_numpy(logits)
     loss = float(nn.functional.cross_entropy(t, torch.from_numpy(labels)))
-    probs = torch.softmax(t, 1).numpy()
-    metrics = classification_metrics(probs, labels, classes)
-    return {
-        "loss": loss,
-        **metrics,
-        "seconds": time.perf_counter() - t0,
-        "logits": logits,
-        "labels": labels,
-        "index": index,
-    }
+    metrics = classification_metrics(softmax(logits), labels, classes)
+    return {"loss": loss, **metrics, "logits": logits, "labels": labels, "index": index}
 
 
 def class_weights(labels: np.ndarray, n_classes: int) -> torch.Tensor:

@@ -14,12 +14,13 @@ import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 
 from xraycls.io.files import write_json_atomic
 from xraycls.io.manifest import read_table, write_table
@@ -29,6 +30,16 @@ from xraycls.models.weights import load_weights, normalization_for, save_weights
 from xraycls.training.checkpoint import load_checkpoint, save_checkpoint
 from xraycls.training.config import Config, StageConfig
 from xraycls.training.data import Table, XrayDataset, worker_init
+from xraycls.training.distributed import (
+    DistContext,
+    all_reduce_sum,
+    barrier,
+    broadcast_buffers,
+    check_batch,
+    check_ranks_agree,
+    gather_predictions,
+    wrap,
+)
 from xraycls.training.engine import (
     StepSchedule,
     build_optimizer,
@@ -39,6 +50,7 @@ from xraycls.training.engine import (
     train_one_epoch,
 )
 from xraycls.training.splits import inner_split
+from xraycls.training.tracking import Tracker
 
 LOG_COLUMNS = [
     "model",
@@ -51,6 +63,7 @@ LOG_COLUMNS = [
     "val_auroc",
     "seconds",
     "images_per_s",
+    "steps",
 ]
 
 
@@ -68,6 +81,10 @@ class RunContext:
     log: Callable[[str], None]
     progress: Any = None
     """A ``rich.progress.Progress`` for per-batch bars, or None."""
+    dist: DistContext = field(default_factory=DistContext)
+    """This process's place in a data-parallel run (world 1 when alone)."""
+    tracker: Tracker = field(default_factory=Tracker)
+    """Experiment tracking (a no-op unless ``tracking`` is configured)."""
 
 
 @dataclass
@@ -103,9 +120,11 @@ def train_fold(
     """Train one model on ``train_idx`` (resuming), or load a finished one; predict ``test_idx``.
 
     The model's folder ``out/<name>/`` ends with ``weights.safetensors`` and ``result.json``;
-    the epoch checkpoints are removed once the fold is done.
+    the epoch checkpoints are removed once the fold is done. In a data-parallel run every rank
+    trains; rank 0 predicts and writes, the others read its result.
     """
     fold_dir = ctx.out / name
+    barrier(ctx.dist)  # no rank looks for a result that rank 0 is still writing
     done = _finished(fold_dir, len(ctx.table.classes))
     if done is not None:
         ctx.log(f"{name}: already trained, reusing")
@@ -116,32 +135,35 @@ def train_fold(
     model = build_model(ctx)
     state = _run_epochs(ctx, name, model, train_set, val_set, seed)
     model.load_state_dict(load_weights(fold_dir / "best.safetensors"))
-    save_weights(
-        fold_dir / "weights.safetensors", model.state_dict(), metadata={"model": ctx.cfg.model.name}
-    )
-    logits, infer_s = _predict_held_out(ctx, model, test_idx)
-    result = FoldResult(
-        logits=logits,
-        best_epoch=state["best_epoch"],
-        best_inner_score=state["best_score"],
-        timing={
-            "train_seconds_per_image": state["train_seconds"] / max(1, state["train_images"]),
-            "inference_seconds_per_image": infer_s,
-        },
-    )
-    write_json_atomic(
-        fold_dir / "result.json",
-        {
-            "best_epoch": result.best_epoch,
-            "best_inner_score": result.best_inner_score,
-            "timing": result.timing,
-            "logits": logits.tolist(),
-        },
-    )
-    for f in (fold_dir / "checkpoint").glob("*"):
-        f.unlink()
-    (fold_dir / "checkpoint").rmdir()
-    (fold_dir / "best.safetensors").unlink(missing_ok=True)
+    digests = check_ranks_agree(ctx.dist, model)
+    if ctx.dist.main:
+        save_weights(
+            fold_dir / "weights.safetensors",
+            model.state_dict(),
+            metadata={"model": ctx.cfg.model.name},
+        )
+        logits, infer_s = _predict_held_out(ctx, model, test_idx)
+        write_json_atomic(
+            fold_dir / "result.json",
+            {
+                "best_epoch": state["best_epoch"],
+                "best_inner_score": state["best_score"],
+                "timing": {
+                    "train_seconds_per_image": state["train_seconds"]
+                    / max(1, state["train_images"]),
+                    "inference_seconds_per_image": infer_s,
+                },
+                "ranks": {"world": ctx.dist.world, "weight_digests": digests},
+                "logits": logits.tolist(),
+            },
+        )
+        for f in (fold_dir / "checkpoint").glob("*"):
+            f.unlink()
+        (fold_dir / "checkpoint").rmdir()
+        (fold_dir / "best.safetensors").unlink(missing_ok=True)
+    barrier(ctx.dist)
+    result = _finished(fold_dir, len(ctx.table.classes))
+    assert result is not None
     return result
 
 
@@ -246,13 +268,14 @@ def _run_epochs(
     are kept in ``best.safetensors``; in the last stage, ``train.early_stopping_patience``
     epochs without improvement end the loop. Returns the loop's state (best epoch, timings).
     """
-    cfg, stages = ctx.cfg, ctx.cfg.train.stages
+    cfg, stages, dist = ctx.cfg, ctx.cfg.train.stages, ctx.dist
     fold_dir, ckpt_dir = ctx.out / name, ctx.out / name / "checkpoint"
     loss_fn = _loss(ctx, train_set)
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=ctx.amp.use_scaler)
-    steps = math.ceil(math.ceil(len(train_set) / cfg.train.batch_size) / cfg.train.accumulate)
+    steps = math.ceil(len(make_loader(train_set, cfg, dist=dist)) / cfg.train.accumulate)
     channels_last = _channels_last(cfg.train.channels_last, model)
     state, optimizer, opt_stage = _restore(ctx, name, model, scaler, stages)
+    ddp = wrap(dist, model, ctx.device)  # for the restored stage's trainable parameters
     for g, s, e in iter_epochs(stages):
         if g <= state["epoch"]:
             continue
@@ -260,6 +283,7 @@ def _run_epochs(
         if opt_stage != s or optimizer is None:
             set_trainable(model, stage.train)
             optimizer, opt_stage = build_optimizer(model, stage), s
+            ddp = wrap(dist, model, ctx.device)  # DDP hooks only what trains when it is built
         schedule = StepSchedule(
             optimizer,
             total=stage.epochs * steps,
@@ -268,7 +292,7 @@ def _run_epochs(
         )
         torch.manual_seed(seed * 1000 + g)  # dropout / drop-path streams replay after a resume
         train_set.set_epoch(g)
-        loader = make_loader(train_set, cfg, shuffle=True, seed=seed * 1000 + g)
+        loader = make_loader(train_set, cfg, shuffle=True, seed=seed * 1000, dist=dist, epoch=g)
         with _batch_bar(ctx, f"{name} epoch {g + 1} [{stage.train}]", len(loader)) as on_batch:
             tr = train_one_epoch(
                 model,
@@ -282,25 +306,37 @@ def _run_epochs(
                 channels_last=channels_last,
                 schedule=schedule,
                 on_batch=on_batch,
+                ddp=ddp,
             )
+        tr = _global_train_stats(dist, tr)
+        broadcast_buffers(dist, model)  # every rank validates (and saves) rank 0's statistics
         val = evaluate(
             model,
-            make_loader(val_set, cfg),
+            make_loader(val_set, cfg, dist=dist),
             classes=ctx.table.classes,
             amp=ctx.amp,
             device=ctx.device,
             channels_last=channels_last,
+            gather=partial(gather_predictions, dist),
         )
-        _update_state(state, tr, val, g, s, last_stage, model, fold_dir)
-        _log_epoch(ctx, name, g, s, stage, optimizer, tr, val)  # a resume trims what re-runs
-        save_checkpoint(
-            ckpt_dir, f"e{g}", model=model, optimizer=optimizer, scaler=scaler, state=state
-        )
+        _update_state(state, tr, val, g, s, last_stage, model, fold_dir, write=dist.main)
+        if dist.main:
+            _log_epoch(ctx, name, g, s, stage, optimizer, tr, val)  # a resume trims re-runs
+            save_checkpoint(
+                ckpt_dir, f"e{g}", model=model, optimizer=optimizer, scaler=scaler, state=state
+            )
+        barrier(dist)
         patience = cfg.train.early_stopping_patience
-        if last_stage and patience and state["bad_epochs"] >= patience:
+        if last_stage and patience and state["bad_epochs"] >= patience:  # same on every rank
             ctx.log(f"{name}: early stop after epoch {g + 1}")
             break
     return state
+
+
+def _global_train_stats(dist: DistContext, tr: dict[str, float]) -> dict[str, float]:
+    """An epoch's loss, images and throughput over all ranks."""
+    loss_sum, images = all_reduce_sum(dist, [tr["loss"] * tr["images"], tr["images"]])
+    return tr | {"loss": loss_sum / max(1.0, images), "images": images}
 
 
 def _loss(ctx: RunContext, train_set: XrayDataset) -> torch.nn.Module:
@@ -309,7 +345,31 @@ def _loss(ctx: RunContext, train_set: XrayDataset) -> torch.nn.Module:
         if ctx.cfg.train.class_weighting
         else None
     )
-    return torch.nn.CrossEntropyLoss(weight=weights, label_smoothing=ctx.cfg.train.label_smoothing)
+    smoothing = ctx.cfg.train.label_smoothing
+    if weights is not None and ctx.dist.enabled:
+        return GlobalWeightedCrossEntropy(weights, ctx.dist, label_smoothing=smoothing)
+    return torch.nn.CrossEntropyLoss(weight=weights, label_smoothing=smoothing)
+
+
+class GlobalWeightedCrossEntropy(torch.nn.Module):
+    """Class-weighted cross-entropy normalised by the weights of the *global* batch.
+
+    ``CrossEntropyLoss(weight=w)`` divides by the sum of ``w[y]`` over its batch; with DDP each
+    rank would divide by its own shard's sum, and the averaged gradient would differ from one
+    process's. Summing, then dividing by the all-reduced sum (times the world size, which DDP's
+    gradient averaging divides back out) gives the single-process loss exactly.
+    """
+
+    def __init__(self, weight: torch.Tensor, dist: DistContext, *, label_smoothing: float) -> None:
+        super().__init__()
+        self.weight, self.dist, self.label_smoothing = weight, dist, label_smoothing
+
+    def forward(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        per_sample = torch.nn.functional.cross_entropy(
+            logits, y, weight=self.weight, label_smoothing=self.label_smoothing, reduction="none"
+        )
+        (total,) = all_reduce_sum(self.dist, [float(self.weight[y].sum())])
+        return per_sample.sum() * self.dist.world / total
 
 
 def _restore(
@@ -338,11 +398,13 @@ def _restore(
         ctx.out / name / "checkpoint", model=model, optimizer_factory=optimizer_for, scaler=scaler
     )
     if restored is None:
-        _trim_log(ctx.out / "log.csv", name, last_epoch=-1)
+        if ctx.dist.main:
+            _trim_log(ctx.out / "log.csv", name, last_epoch=-1)
         return state, None, None
     state, optimizer = restored
     # An epoch logged but killed before its checkpoint runs again: drop its log row.
-    _trim_log(ctx.out / "log.csv", name, last_epoch=state["epoch"])
+    if ctx.dist.main:
+        _trim_log(ctx.out / "log.csv", name, last_epoch=state["epoch"])
     ctx.log(f"{name}: resuming after epoch {state['epoch'] + 1}")
     return state, optimizer, state["stage"]
 
@@ -356,14 +418,18 @@ def _update_state(
     last_stage: bool,
     model: torch.nn.Module,
     fold_dir: Path,
+    *,
+    write: bool = True,
 ) -> None:
-    """Record an epoch: timings, and the best inner-validation score (its weights kept)."""
+    """Record an epoch: timings, and the best inner-validation score (its weights kept by the
+    process that ``write``s)."""
     score = val["auroc"] if not math.isnan(val["auroc"]) else -val["loss"]
     state["train_seconds"] += tr["seconds"]
     state["train_images"] += int(tr["images"])
     if score > state["best_score"]:
         state.update(best_score=score, best_epoch=g, bad_epochs=0)
-        save_weights(fold_dir / "best.safetensors", model.state_dict())
+        if write:
+            save_weights(fold_dir / "best.safetensors", model.state_dict())
     elif last_stage:
         state["bad_epochs"] += 1
     state.update(epoch=g, stage=s)
@@ -390,8 +456,19 @@ def _log_epoch(
         "val_auroc": f"{val['auroc']:.4f}",
         "seconds": f"{tr['seconds'] + val['seconds']:.1f}",
         "images_per_s": f"{tr['images'] / tr['seconds']:.2f}",
+        "steps": int(tr["steps"]),
     }
     _append_log(ctx.out / "log.csv", row)
+    ctx.tracker.log_metrics(
+        {
+            f"{name}/train_loss": tr["loss"],
+            f"{name}/val_loss": val["loss"],
+            f"{name}/val_auroc": val["auroc"],
+            f"{name}/lr": optimizer.param_groups[-1]["lr"],
+            f"{name}/images_per_s": tr["images"] / tr["seconds"],
+        },
+        step=g,
+    )
     ctx.log(
         f"{name} epoch {g + 1} [{stage.train}]: train loss {tr['loss']:.4f}, "
         f"inner-val AUROC {val['auroc']:.4f} ({tr['seconds']:.0f} s)"
@@ -414,14 +491,34 @@ def _batch_bar(ctx: RunContext, title: str, total: int) -> Iterator[Callable[[fl
 
 
 def make_loader(
-    ds: XrayDataset, cfg: Config, *, shuffle: bool = False, seed: int = 0
+    ds: XrayDataset,
+    cfg: Config,
+    *,
+    shuffle: bool = False,
+    seed: int = 0,
+    dist: DistContext | None = None,
+    epoch: int = 0,
 ) -> DataLoader[Any]:
+    """The loader of one epoch.
+
+    Shuffled, the order is the permutation ``DistributedSampler`` draws from ``seed + epoch``,
+    whatever the number of processes: one process takes it ``batch_size`` at a time; N
+    processes take interleaved shards of ``batch_size / N``, so that step b of every rank
+    together covers exactly the images of one process's step b.
+    """
+    dist = dist or DistContext()
     g = torch.Generator()
-    g.manual_seed(seed)
+    g.manual_seed(seed + epoch)  # worker seeds (augmentation streams)
+    sampler = None
+    if shuffle or dist.enabled:
+        sampler = DistributedSampler(
+            ds, num_replicas=dist.world, rank=dist.rank, shuffle=shuffle, seed=seed, drop_last=False
+        )
+        sampler.set_epoch(epoch)
     return DataLoader(
         ds,
-        batch_size=cfg.train.batch_size,
-        shuffle=shuffle,
+        batch_size=check_batch(dist, cfg.train.batch_size),
+        sampler=sampler,
         num_workers=cfg.data.num_workers,
         generator=g,
         worker_init_fn=worker_init,
