@@ -23,10 +23,10 @@ import numpy as np
 import pytest
 
 from xraycls.evaluation.metrics import ece, event_ece, reliability_table
+from xraycls.evaluation.splits import holdout_split
 from xraycls.inference.predictor import Predictor
 from xraycls.training.config import load_config
 from xraycls.training.crossval import run_training
-from xraycls.training.splits import holdout_split
 
 REPO = Path(__file__).resolve().parents[1]
 N_TRAIN, N_UNSEEN = 1800, 1000

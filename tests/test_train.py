@@ -12,10 +12,10 @@ import torch
 from typer.testing import CliRunner
 
 from xraycls.errors import ConfigError
+from xraycls.evaluation.splits import grouped_subset, inner_split, patient_folds
 from xraycls.models.runtime import Amp, resolve_amp
 from xraycls.training.config import Config, StageConfig, load_config
 from xraycls.training.engine import build_optimizer, set_trainable
-from xraycls.training.splits import grouped_subset, inner_split, patient_folds
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -61,6 +61,7 @@ from xraycls.evaluation.metrics import (
     softmax,
     threshold_for,
 )
+from xraycls.evaluation.splits import patient_folds
 from xraycls.io.files import json_safe, write_json_atomic
 
 ThresholdTarget = Literal["sensitivity", "specificity", "youden"]
@@ -86,8 +87,6 @@ def crossfit_probs(oof: OutOfFold, method: Method = "temperature") -> np.ndarray
 def calibration_parts(labels: np.ndarray, groups: np.ndarray, *, seed: int = 0) -> np.ndarray:
     """Patient-grouped, label-stratified parts of a calibration set for cross-fitting (up to
     :data:`N_PARTS`, fewer when there are few patients of a class)."""
-    from sklearn.model_selection import StratifiedGroupKFold
-
     labels, groups = np.asarray(labels), np.asarray(groups)
     per_class = min(len(np.unique(groups[labels == c])) for c in np.unique(labels))
     n_parts = max(2, min(N_PARTS, per_class))
@@ -96,11 +95,7 @@ def calibration_parts(labels: np.ndarray, groups: np.ndarray, *, seed: int = 0) 
             f"calibration data has fewer than 2 patients of some class ({per_class}); it cannot "
             "be cross-fitted: use a larger holdout or labelled set"
         )
-    parts = np.full(len(labels), -1, dtype=np.int64)
-    splitter = StratifiedGroupKFold(n_splits=n_parts, shuffle=True, random_state=seed)
-    for k, (_, test) in enumerate(splitter.split(np.zeros(len(labels)), labels, groups)):
-        parts[test] = k
-    return parts
+    return patient_folds(labels, groups, folds=n_parts, seed=seed)
 
 
 def fit_configuration(

@@ -40,6 +40,7 @@ from xraycls.bundle.format import (
 )
 from xraycls.errors import ConfigError
 from xraycls.evaluation.metrics import classification_metrics, softmax
+from xraycls.evaluation.splits import holdout_split, patient_folds
 from xraycls.io.files import write_json_atomic, write_text_atomic
 from xraycls.io.manifest import read_table, write_table
 from xraycls.io.ood import reference_from_files
@@ -57,7 +58,6 @@ from xraycls.training.distributed import (
 )
 from xraycls.training.floor import floor_features, floor_oof_probs
 from xraycls.training.fold import RunContext, load_trained, predict_logits, train_fold
-from xraycls.training.splits import holdout_split, patient_folds
 from xraycls.training.tracking import final_metrics, make_tracker
 
 

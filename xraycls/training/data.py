@@ -20,11 +20,11 @@ import torch
 from torch.utils.data import Dataset
 
 from xraycls.errors import ConfigError, ImageReadError
+from xraycls.evaluation.splits import grouped_subset
 from xraycls.io.manifest import LabelsError, read_labels
 from xraycls.io.preprocess import ImageCache, Preprocessing, preprocess_file, read_cached
 from xraycls.models.weights import Normalization, to_model_input
 from xraycls.training.config import AugmentConfig, DataConfig
-from xraycls.training.splits import grouped_subset
 
 
 @dataclass

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
+from xraycls.evaluation.splits import inner_split
 from xraycls.io.files import write_json_atomic
 from xraycls.io.manifest import read_table, write_table
 from xraycls.io.preprocess import ImageCache, Preprocessing
@@ -49,7 +50,6 @@ from xraycls.training.engine import (
     set_trainable,
     train_one_epoch,
 )
-from xraycls.training.splits import inner_split
 from xraycls.training.tracking import Tracker
 
 LOG_COLUMNS = [
