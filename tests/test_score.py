@@ -288,37 +288,6 @@ def test_cli_exit_codes_and_summary(src: Path, tmp_path: Path, tiny_run: Path) -
     assert res.exit_code == 2 and "no such file" in res.stderr
 
 
-def test_write_secondary_capture_references_the_source_study(tmp_path: Path) -> None:
-    import pydicom
-    from pydicom.uid import SecondaryCaptureImageStorage
-
-    from xraycls.io.dicom_objects import write_secondary_capture
-
-    source = pkg_file("CT_small.dcm")
-    src = pydicom.dcmread(source)
-    rgb = np.random.default_rng(0).integers(0, 256, (40, 30, 3), dtype=np.uint8)
-    path = write_secondary_capture(source, rgb, tmp_path / "sc" / "ct.dcm", description="test X")
-    ds = pydicom.dcmread(path)
-    assert ds.SOPClassUID == SecondaryCaptureImageStorage
-    assert ds.file_meta.MediaStorageSOPClassUID == SecondaryCaptureImageStorage
-    assert ds.StudyInstanceUID == src.StudyInstanceUID
-    assert ds.SeriesInstanceUID != src.SeriesInstanceUID and ds.SOPInstanceUID != src.SOPInstanceUID
-    assert ds.file_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID
-    assert (ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.PhotometricInterpretation) == (
-        40,
-        30,
-        3,
-        "RGB",
-    )
-    assert ds.PatientID == src.PatientID and ds.PatientName == src.PatientName
-    ref = ds.SourceImageSequence[0]
-    assert ref.ReferencedSOPInstanceUID == src.SOPInstanceUID
-    assert ref.ReferencedSOPClassUID == src.SOPClassUID
-    assert ds.ReferencedImageSequence[0].ReferencedSOPInstanceUID == src.SOPInstanceUID
-    assert ds.ImageComments == "test X" and ds.ImageType == ["DERIVED", "SECONDARY"]
-    np.testing.assert_array_equal(ds.pixel_array, rgb)
-
-
 def test_cam_pngs_and_dicom_secondary_captures(
     src: Path, tmp_path: Path, predictor: Predictor
 ) -> None:
@@ -342,12 +311,20 @@ def test_cam_pngs_and_dicom_secondary_captures(
         assert img.mode == "RGB" and (original is None or img.size == original)
     assert by_rel["a/x.png"]["cam_path"] != by_rel["b/x.png"]["cam_path"]
     assert by_rel["pngs/img000.png"]["dicom_path"] == ""  # PNG input: no DICOM
-    ct = pydicom.dcmread(by_rel["dcm/ct.dcm"]["dicom_path"])
+    from xraycls.io.dicom_results import read_sr_findings
+
+    row = by_rel["dcm/ct.dcm"]
+    sr = pydicom.dcmread(row["dicom_path"])
+    ct = pydicom.dcmread(row["dicom_path"].removesuffix(".sr.dcm") + ".cam.dcm")
     source = pydicom.dcmread(src / "dcm" / "ct.dcm")
-    assert ct.StudyInstanceUID == source.StudyInstanceUID
+    assert ct.StudyInstanceUID == sr.StudyInstanceUID == source.StudyInstanceUID
     assert (ct.Rows, ct.Columns, ct.SamplesPerPixel) == (source.Rows, source.Columns, 3)
-    assert "RESEARCH USE ONLY" in ct.ImageComments and "P(square)=" in ct.ImageComments
-    assert Path(by_rel["dcm/IM0002"]["dicom_path"]).name == "IM0002.cam.dcm"
+    assert ct.BurnedInAnnotation == "YES" and "research use" in ct.SeriesDescription.lower()
+    found = read_sr_findings(sr)
+    for c in predictor.classes:
+        assert found[c][0] == pytest.approx(float(row[f"prob_{c}"]), abs=1e-6)
+        assert found[c][1] == (row["predicted"] == c)
+    assert Path(by_rel["dcm/IM0002"]["dicom_path"]).name == "IM0002.sr.dcm"
 
 
 def test_shared_dicom_corpus_lists_every_file_and_scores_every_chest_file(

@@ -506,7 +506,7 @@ def predict(
         CamChoice, typer.Option(help="Grad-CAM family method for --cam-dir/--dicom-out.")
     ] = CamChoice.gradcam,
     dicom_out: Annotated[
-        Path | None, typer.Option(help="Write a DICOM Secondary Capture per DICOM input here.")
+        Path | None, typer.Option(help="Write a DICOM SR + overlay Secondary Capture per DICOM input here.")
     ] = None,
     workers: Annotated[int | None, typer.Option(help="Decoding processes (default: CPUs).")] = None,
     batch_size: Annotated[int, typer.Option(help="Files per model batch.")] = 16,

@@ -221,7 +221,8 @@ def score(
         batch_size: Files per model batch (and per flushed write).
         cam_dir: Write a CAM overlay PNG per readable file here (mirroring the input tree).
         cam_method: One of ``xraycls.inference.cam.CAM_METHODS``.
-        dicom_out: Write a DICOM Secondary Capture of the overlay per DICOM input here.
+        dicom_out: Write a DICOM SR of the findings and a Secondary Capture of the overlay per
+            DICOM input here.
         parquet: Also write ``out`` with a ``.parquet`` suffix when the run completes.
         engine: ``local`` (DataLoader) or ``ray`` (Ray Data; needs ``xraycls[distributed]``).
         on_progress: Called with (done, total) after each batch.
