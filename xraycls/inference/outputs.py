@@ -92,6 +92,9 @@ class Explainer:
     method: str
     cam_dir: Path | None
     dicom_out: Path | None
+    strict_io: bool = False
+    """Let an ``OSError`` writing an output (disk full) propagate instead of recording it in the
+    row: the listener retries such a batch rather than record a result it could not deliver."""
 
     def __post_init__(self) -> None:
         try:
@@ -132,6 +135,10 @@ class Explainer:
         for i, res in zip(ok, cams, strict=True):
             try:
                 self._write_one(items[i], preds[i], res, rows[i])  # type: ignore[arg-type]
+            except OSError as e:
+                if self.strict_io:
+                    raise
+                rows[i]["error"] = _one_line(f"cam_failed: {type(e).__name__}: {e}")
             except Exception as e:
                 rows[i]["error"] = _one_line(f"cam_failed: {type(e).__name__}: {e}")
         return time.perf_counter() - t0
