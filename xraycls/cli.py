@@ -492,13 +492,31 @@ def viewer(
 @app.command()
 def predict(
     source: Annotated[
-        Path,
+        Path | None,
         typer.Argument(
-            metavar="INPUT", help="An image, a folder (recursive) or a CSV with a path column."
+            metavar="INPUT",
+            help="An image, a folder (recursive) or a CSV with a path column (not with "
+            "--dicomweb).",
+        ),
+    ] = None,
+    *,
+    run: Annotated[Path, typer.Option("--run", help="A `xraycls train` run folder.")],
+    out: Annotated[
+        Path,
+        typer.Option(
+            "--out", help="Results CSV (resumed when it exists); with --dicomweb a state folder."
         ),
     ],
-    run: Annotated[Path, typer.Option("--run", help="A `xraycls train` run folder.")],
-    out: Annotated[Path, typer.Option("--out", help="Results CSV (resumed when it exists).")],
+    dicomweb: Annotated[
+        str | None,
+        typer.Option(
+            help="Score new CR/DX studies of this DICOMweb service (QIDO/WADO) and store the SR "
+            "and overlay back (STOW), e.g. http://pacs:8042/dicom-web.",
+        ),
+    ] = None,
+    since: Annotated[
+        str | None, typer.Option(help="With --dicomweb: studies from this date on (YYYYMMDD).")
+    ] = None,
     cam_dir: Annotated[
         Path | None, typer.Option(help="Write a CAM overlay PNG per readable file here.")
     ] = None,
@@ -506,7 +524,8 @@ def predict(
         CamChoice, typer.Option(help="Grad-CAM family method for --cam-dir/--dicom-out.")
     ] = CamChoice.gradcam,
     dicom_out: Annotated[
-        Path | None, typer.Option(help="Write a DICOM SR + overlay Secondary Capture per DICOM input here.")
+        Path | None,
+        typer.Option(help="Write a DICOM SR + overlay Secondary Capture per DICOM input here."),
     ] = None,
     workers: Annotated[int | None, typer.Option(help="Decoding processes (default: CPUs).")] = None,
     batch_size: Annotated[int, typer.Option(help="Files per model batch.")] = 16,
@@ -535,6 +554,19 @@ def predict(
     from xraycls.inference.scoring import ScoreError, score
     from xraycls.io.manifest import LabelsError
 
+    if (source is None) == (dicomweb is None):
+        raise typer.BadParameter("give either INPUT or --dicomweb URL")
+    if dicomweb is not None:
+        _predict_dicomweb(
+            dicomweb,
+            out,
+            run=run,
+            since=since,
+            batch_size=batch_size,
+            cam=cam_method.value,
+            device=device,
+        )
+        return
     with _progress() as bar:
         task = bar.add_task("predict", total=None)
         try:
@@ -560,6 +592,100 @@ def predict(
             console.print(f"[red]error:[/red] {escape(str(e))}", soft_wrap=True, highlight=False)
             raise typer.Exit(2) from e
     console.print(f"predict: {summary.line()}", markup=False, highlight=False, soft_wrap=True)
+
+
+def _pacs_logging() -> None:
+    """Log lines on stderr; the DICOM libraries' chatter (which can quote headers) off."""
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    for name in ("pynetdicom", "highdicom", "dicomweb_client", "urllib3"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _predict_dicomweb(
+    url: str, out: Path, *, run: Path, since: str | None, batch_size: int, cam: str, device: str
+) -> None:
+    from xraycls.bundle import BundleError
+    from xraycls.errors import ConfigError
+    from xraycls.inference.dicomweb import score_dicomweb
+    from xraycls.inference.pacs import DeliveryError
+    from xraycls.inference.rows import ScoreError
+
+    _pacs_logging()
+    try:
+        summary = score_dicomweb(
+            url, out, run=run, since=since, batch_size=batch_size, cam_method=cam, device=device
+        )
+    except (BundleError, ConfigError, ScoreError, DeliveryError, OSError) as e:
+        from rich.markup import escape
+
+        console.print(f"[red]error:[/red] {escape(str(e))}", soft_wrap=True, highlight=False)
+        raise typer.Exit(2) from e
+    console.print(f"predict: {summary.line()}", markup=False, highlight=False, soft_wrap=True)
+
+
+@app.command()
+def listen(
+    run: Annotated[Path, typer.Option("--run", help="A `xraycls train` run folder.")],
+    out: Annotated[
+        Path, typer.Option("--out", help="State folder: received images, results.csv, outbox.")
+    ],
+    config: Annotated[
+        Path | None, typer.Option(help="YAML file with a `listen:` section (options override).")
+    ] = None,
+    ae_title: Annotated[str | None, typer.Option(help="Our AE title [XRAYCLS].")] = None,
+    bind: Annotated[str | None, typer.Option(help="Address to listen on [127.0.0.1].")] = None,
+    port: Annotated[int | None, typer.Option(help="DICOM port [11112].")] = None,
+    allow: Annotated[
+        list[str] | None, typer.Option(help="Calling AE title allowed to send (repeatable).")
+    ] = None,
+    dest: Annotated[
+        str | None, typer.Option(help="Send results to AE@host:port (C-STORE).")
+    ] = None,
+    retention_hours: Annotated[
+        float | None, typer.Option(help="Keep received images this long after scoring [0].")
+    ] = None,
+    tls_cert: Annotated[str | None, typer.Option(help="TLS certificate (PEM).")] = None,
+    tls_key: Annotated[str | None, typer.Option(help="TLS private key (PEM).")] = None,
+    tls_ca: Annotated[
+        str | None, typer.Option(help="CA (PEM) that client certificates must chain to.")
+    ] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, ...")] = "auto",
+) -> None:
+    """Receive chest images over DICOM (C-STORE), score each as it arrives and send an SR and an
+    overlay Secondary Capture to --dest. Runs until Ctrl-C.
+
+    Images are on disk before they are acknowledged; results survive restarts and a dead
+    destination (kept in OUT/outbox and retried). Exit code 2 when it cannot start.
+    """
+    from xraycls.bundle import BundleError
+    from xraycls.errors import ConfigError
+    from xraycls.inference.listen import Listener, load_listen_config
+    from xraycls.inference.predictor import Predictor
+    from xraycls.inference.rows import ScoreError
+
+    _pacs_logging()
+    try:
+        cfg = load_listen_config(
+            config,
+            ae_title=ae_title,
+            bind=bind,
+            port=port,
+            allow=allow or None,
+            dest=dest,
+            retention_hours=retention_hours,
+            tls_cert=tls_cert,
+            tls_key=tls_key,
+            tls_ca=tls_ca,
+        )
+        listener = Listener(Predictor.from_run(run, device=device), out, cfg)
+        listener.serve()
+    except (BundleError, ConfigError, ScoreError, OSError) as e:
+        from rich.markup import escape
+
+        console.print(f"[red]error:[/red] {escape(str(e))}", soft_wrap=True, highlight=False)
+        raise typer.Exit(2) from e
 
 
 def main() -> None:

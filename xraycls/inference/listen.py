@@ -300,7 +300,11 @@ class Listener:
         )
 
     def serve(self) -> None:
-        """Run until interrupted (Ctrl-C, SIGTERM via KeyboardInterrupt)."""
+        """Run until interrupted (Ctrl-C or SIGTERM), then stop cleanly."""
+        import signal
+
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, lambda *_: self._stop.set())
         self.start()
         try:
             while not self._stop.is_set():
