@@ -3,6 +3,7 @@ servers on loopback: a pynetdicom destination, and Debian's Orthanc (skipped whe
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
@@ -410,6 +411,15 @@ def _dicomweb_plugin() -> str | None:
     return None
 
 
+def _die_with_parent() -> None:
+    """Linux: Orthanc gets SIGTERM when the test process dies, even if it is killed."""
+    import ctypes
+    import signal
+
+    with contextlib.suppress(OSError):
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 class Orthanc:
     """Debian's Orthanc on loopback with its own storage folder and ports."""
 
@@ -437,7 +447,12 @@ class Orthanc:
         cfg = root / "orthanc.json"
         cfg.write_text(json.dumps(config))
         self.log = (root / "orthanc.log").open("w")
-        self.proc = subprocess.Popen([binary, str(cfg)], stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            [binary, str(cfg)],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=_die_with_parent,
+        )
         deadline = time.monotonic() + 30
         while True:
             try:

@@ -184,6 +184,27 @@ def score_dicomweb(
         scorer.close()
 
 
+PAGE = 500
+
+
+def _query(search: Callable[..., list[dict[str, Any]]], key: str, **kw: Any) -> list[dict]:
+    """All records of a QIDO search, page by page. Not ``get_remaining``: an archive that ignores
+    ``offset`` (Orthanc's plugin 1.7 does) would make it loop forever; a page that brings nothing
+    new ends the paging here."""
+    records: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    offset = 0
+    while True:
+        page = search(limit=PAGE, offset=offset, **kw)
+        new = [r for r in page if _value(r, key) not in seen]
+        for r in new:
+            seen.add(_value(r, key))
+        records.extend(new)
+        if len(page) < PAGE or not new:
+            return records
+        offset += len(page)
+
+
 def _find(
     client: Any, modalities: tuple[str, ...], filters: dict[str, str], scorer: PacsScorer
 ) -> tuple[list[tuple[str, str, str]], int, int]:
@@ -191,8 +212,8 @@ def _find(
     already scored."""
     studies: list[str] = []
     for m in modalities:  # one query per modality (see the module docstring)
-        for rec in client.search_for_studies(
-            search_filters={"ModalitiesInStudy": m, **filters}, get_remaining=True
+        for rec in _query(
+            client.search_for_studies, _STUDY, search_filters={"ModalitiesInStudy": m, **filters}
         ):
             uid = _value(rec, _STUDY)
             if uid and uid not in studies:
@@ -202,12 +223,18 @@ def _find(
     already = 0
     for study in studies:
         for m in modalities:
-            for series_rec in client.search_for_series(
-                study_instance_uid=study, search_filters={"Modality": m}, get_remaining=True
+            for series_rec in _query(
+                client.search_for_series,
+                _SERIES,
+                study_instance_uid=study,
+                search_filters={"Modality": m},
             ):
                 series = _value(series_rec, _SERIES)
-                for rec in client.search_for_instances(
-                    study_instance_uid=study, series_instance_uid=series, get_remaining=True
+                for rec in _query(
+                    client.search_for_instances,
+                    _SOP,
+                    study_instance_uid=study,
+                    series_instance_uid=series,
                 ):
                     sop = _value(rec, _SOP)
                     if not sop or sop in seen:
