@@ -308,6 +308,11 @@ def _check_outputs(
             )
     if parquet:
         require_pyarrow()
+    if dcm is not None:
+        try:
+            import highdicom  # noqa: F401
+        except ImportError as e:
+            raise ScoreError("--dicom-out needs highdicom: pip install 'xraycls[pacs]'") from e
     if engine == "ray" and (cam or dcm):
         raise ScoreError("--cam-dir and --dicom-out are supported by the local engine only")
     return out, cam, dcm
