@@ -342,6 +342,150 @@ def test_listen_refuses_with_out_of_resources_when_the_queue_is_full(
         listener.stop()
 
 
+def test_listen_command_scores_and_stops_cleanly_on_sigterm(tmp_path: Path, tiny_run: Path) -> None:
+    import os
+    import signal
+    import sys
+
+    port = free_port()
+    image = make_cr(tmp_path / "in.dcm", seed=2)
+    state = tmp_path / "state"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "xraycls",
+            "listen",
+            "--run",
+            str(tiny_run),
+            "--out",
+            str(state),
+            "--port",
+            str(port),
+            "--allow",
+            "MODALITY",
+            "--device",
+            "cpu",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while send(port, [image]) != [0]:
+            assert proc.poll() is None, proc.communicate()[1]
+            assert time.monotonic() < deadline, "listen did not start"
+            time.sleep(0.5)
+        results = state / "results.csv"
+        while not results.exists() or len(results.read_text().splitlines()) < 2:
+            assert time.monotonic() < deadline, "not scored"
+            time.sleep(0.2)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert "listening as XRAYCLS on 127.0.0.1" in err and "scored " in err
+    for secret in (PATIENT_NAME, "Doe", PATIENT_ID, ACCESSION):
+        assert secret not in err
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "xraycls",
+            "listen",
+            "--run",
+            str(tiny_run),
+            "--out",
+            str(tmp_path / "s2"),
+            "--dest",
+            "nonsense",
+            "--allow",
+            "X",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert bad.returncode == 2 and "--dest 'nonsense': expected AE@host:port" in bad.stderr
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 4 MiB tmpfs, to fill up (needs root, else the test skips)."""
+    d = tmp_path / "small"
+    d.mkdir()
+    res = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(d)], capture_output=True
+    )
+    if res.returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    yield d
+    subprocess.run(["umount", "-l", str(d)], check=False)
+
+
+def _fill(folder: Path) -> Path:
+    """Fill the file system to the last byte."""
+    import os
+
+    ballast = folder / "ballast"
+    fd = os.open(ballast, os.O_WRONLY | os.O_CREAT)
+    try:
+        for chunk in (1 << 16, 1 << 10, 1):
+            with contextlib.suppress(OSError):
+                while True:
+                    os.write(fd, b"\0" * chunk)
+    finally:
+        os.close(fd)
+    return ballast
+
+
+def test_listen_on_a_full_disk_refuses_then_retries_and_loses_nothing(
+    small_disk: Path,
+    tmp_path: Path,
+    predictor: Predictor,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO)
+    images = [make_cr(tmp_path / "in" / f"{i}.dcm", seed=i) for i in range(2)]
+    listener = Listener(
+        predictor, small_disk / "state", ListenConfig(port=0, allow=["MODALITY"], retry_max_s=0.5)
+    )
+    gate = threading.Event()
+    real = listener.scorer.score
+
+    def gated(paths: list[Path]) -> list[dict[str, str]]:
+        gate.wait(30)
+        return real(paths)
+
+    monkeypatch.setattr(listener.scorer, "score", gated)
+    listener.start()
+    try:
+        port = listener.address[1]
+        assert send(port, images[:1]) == [0]  # on disk, waiting for the scorer
+        ballast = _fill(small_disk)
+        assert send(port, images[1:]) == [OUT_OF_RESOURCES]  # cannot be stored: refused
+        assert "cannot store: the disk is full" in caplog.text
+        gate.set()  # the scorer cannot write the results either: it retries
+        deadline = time.monotonic() + 30
+        while "cannot record results: the disk is full" not in caplog.text:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert listener.stats.scored == 0
+        ballast.unlink()
+        assert listener.wait_idle(60) and listener.stats.scored == 1
+        assert send(port, images[1:]) == [0]  # the sender's retry now succeeds
+        assert listener.wait_idle(60) and listener.stats.scored == 2
+    finally:
+        gate.set()
+        listener.stop()
+    assert len(list((small_disk / "state" / "outbox").glob("*.dcm"))) == 4  # no destination
+
+
 def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
     crypto = pytest.importorskip("cryptography", reason="TLS test needs cryptography")
     del crypto
