@@ -49,9 +49,9 @@ pynetdicom = pytest.importorskip("pynetdicom", reason="the pacs extra (pynetdico
 PATIENT_NAME = "Doe^Jane"
 PATIENT_ID = "PID-0042-SECRET"
 ACCESSION = "ACC-777-SECRET"
-CHEST_FILES = ("RG1_UNCR.dcm", "RG1_J2KR.dcm", "RG1_J2KI.dcm", "siim_fake_MONOCHROME1.dcm")
-"""Four distinct instances (RG1_UNCI shares its SOP Instance UID with RG1_J2KI) in two studies,
-uncompressed, JPEG 2000 lossless and lossy, and JPEG baseline."""
+CHEST_FILES = ("RG1_UNCR.dcm", "RG1_J2KI.dcm", "siim_fake_MONOCHROME1.dcm")
+"""Three distinct instances in two studies: uncompressed, JPEG 2000 (lossy) and JPEG baseline
+(RG1_UNCI shares its SOP Instance UID with RG1_J2KI; RG1_J2KR would only add decoding time)."""
 
 
 @pytest.fixture(scope="module")
@@ -342,6 +342,7 @@ def test_listen_refuses_with_out_of_resources_when_the_queue_is_full(
         listener.stop()
 
 
+@pytest.mark.slow  # a fresh interpreter imports torch and loads the bundle: ~1-2 min here
 def test_listen_command_scores_and_stops_cleanly_on_sigterm(tmp_path: Path, tiny_run: Path) -> None:
     import os
     import signal
@@ -776,10 +777,10 @@ def test_dicomweb_finds_scores_and_stores_back_once(
         ],
     )
     assert res.exit_code == 0, res.output
-    assert "4 CR/DX instances: 4 scored, 0 error" in res.output and "8 result objects" in res.output
+    assert "3 CR/DX instances: 3 scored, 0 error" in res.output and "6 result objects" in res.output
     expected = _expected(chest_files, predictor, tmp_path)
     _check_archive(orthanc, chest_files, expected, predictor)
     # A second run finds the same images already scored: nothing retrieved or stored again.
     again = score_dicomweb(url, state, run=predictor)
-    assert (again.already, again.stats.scored, again.stored) == (4, 0, 0)
-    assert sum(len(v) for s in orthanc.results().values() for v in s.values()) == 4 + 8
+    assert (again.already, again.stats.scored, again.stored) == (3, 0, 0)
+    assert sum(len(v) for s in orthanc.results().values() for v in s.values()) == 3 + 6
