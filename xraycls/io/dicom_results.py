@@ -151,8 +151,9 @@ def build_sr(source: Dataset, findings: Sequence[Finding], algorithm: Algorithm)
     )
     src_ref = hd.sr.SourceImageForMeasurementGroup.from_source_image(source)
     groups = []
-    for i, f in enumerate(findings):
-        finding = _concept(f"F{i}", f.name)
+    for f in findings:
+        # The class name is the code: the same finding of two bundles is the same concept.
+        finding = _concept(f.name.replace("\\", "/"), f.name)
         groups.append(
             hd.sr.MeasurementsAndQualitativeEvaluations(
                 tracking_identifier=hd.sr.TrackingIdentifier(
