@@ -487,6 +487,24 @@ def test_listen_on_a_full_disk_refuses_then_retries_and_loses_nothing(
     assert len(list((small_disk / "state" / "outbox").glob("*.dcm"))) == 4  # no destination
 
 
+def test_received_images_are_kept_for_the_configured_retention_only(
+    tmp_path: Path, predictor: Predictor
+) -> None:
+    from xraycls.inference.pacs import PacsScorer
+
+    scorer = PacsScorer(predictor, tmp_path / "state", retention_s=3600.0)
+    try:
+        scored = make_cr(scorer.received_path("1.2.3.1"), seed=1)
+        waiting = make_cr(scorer.received_path("1.2.3.2"), seed=2)
+        scorer.score([scored])
+        assert scorer.sweep() == 0 and scored.exists()  # within the hour: kept
+        assert scorer.sweep(now=time.time() + 7200) == 1  # past it: removed ...
+        assert not scored.exists() and waiting.exists()  # ... but never an unscored image
+        assert scorer.backlog() == [waiting]
+    finally:
+        scorer.close()
+
+
 def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
     crypto = pytest.importorskip("cryptography", reason="TLS test needs cryptography")
     del crypto
