@@ -1,6 +1,6 @@
 """DICOM: decoding a data set into modality values, its VOI, and the patient pseudonym.
 
-All DICOM reading knowledge of the project lives here (writing: :mod:`xraycls.io.dicom_objects`).
+All DICOM reading knowledge of the project lives here (writing results: :mod:`xraycls.io.dicom_results`).
 Values come out after the Modality LUT; the VOI is kept as a callable so that
 :func:`xraycls.io.image.render` applies it, then inverts MONOCHROME1 (see :mod:`xraycls.io.image`).
 """
