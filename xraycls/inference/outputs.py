@@ -112,6 +112,6 @@ class Explainer:
         thr = "" if pred.threshold is None else f" at threshold {pred.threshold:.3f}"
         return (
             f"RESEARCH USE ONLY, NOT FOR DIAGNOSIS. {self.method} class activation map by xraycls "
-            f"model {run} ({len(self.predictor.models)} member(s)); {probs}; "
+            f"model {run} ({self.predictor.n_members} member(s)); {probs}; "
             f"predicted {pred.predicted}{thr}."
         )
