@@ -228,3 +228,33 @@ def test_verified_on_real_radiographs(exported: Path, tmp_path: Path) -> None:
     )
     v = result.verification
     assert v.n_real_images == 8 and v.decisions_equal and v.max_abs_logit_diff < 1e-4
+
+
+def test_viewer_offers_the_onnx_export_and_still_explains_with_pytorch(
+    exported: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import io
+
+    import streamlit as st
+    from PIL import Image
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.setenv("XRAYCLS_RUNS", str(exported.parent))
+    monkeypatch.setenv("XRAYCLS_DEVICE", "cpu")
+    monkeypatch.setattr("sys.argv", ["streamlit_app.py"])
+    st.cache_resource.clear()
+    st.cache_data.clear()
+    repo = Path(__file__).resolve().parents[1]
+    at = AppTest.from_file(str(repo / "app" / "streamlit_app.py"), default_timeout=120).run()
+    assert not at.exception
+    radio = at.radio(key=f"backend::{exported}::folds")
+    assert radio.options == ["PyTorch", "ONNX export (onnxruntime, CPU)"]
+    radio.set_value("onnx").run()
+    buf = io.BytesIO()
+    Image.fromarray((generated_images(64, 1)[0] * 255).astype(np.uint8)).save(buf, "PNG")
+    at.file_uploader(key="uploads").set_value([("g.png", buf.getvalue(), "image/png")]).run()
+    assert not at.exception
+    assert any("Grad-CAM from the PyTorch weights" in c.value for c in at.sidebar.caption)
+    report = json.loads(at.json[0].value)
+    assert report["model"]["backend"] == "onnx"
+    assert any(c.startswith("Grad-CAM overlay") for img in at.image for c in img.captions)

@@ -16,7 +16,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from xraycls.bundle.format import BUNDLE_FILE, CONFIG_FILE, LABELS_FILE, Bundle, Configuration
 
@@ -99,6 +98,8 @@ class OnnxRunner:
         if not self.path.is_file():
             raise ExportError(f"{self.path}: no such ONNX file")
         options = ort.SessionOptions()
+        import torch  # for its thread setting only
+
         options.intra_op_num_threads = threads or torch.get_num_threads()
         options.inter_op_num_threads = 1
         options.log_severity_level = 3
