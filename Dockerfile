@@ -10,6 +10,9 @@
 #   Training: docker run --rm --gpus all --shm-size 8g -v "$PWD:/work" -w /work xraycls:gpu \
 #                 train --config configs/swin_1024.yaml --set data.labels=/work/labels.csv
 #   Several GPUs: ... xraycls:gpu train --config C.yaml --nproc 4   (torchrun + DDP/NCCL)
+#   GPU check: docker run --rm --gpus all --entrypoint bash -v "$PWD/out:/out" \
+#                 -v /path/to/shared/data:/data:ro -e XRAYCLS_SHARED_DATA=/data \
+#                 xraycls:gpu benchmarks/gpu_check.sh /out/gpu_check.json
 #
 # Nothing is downloaded at run time: mount pretrained weights and run bundles. Both targets install
 # the project the way .ci/run does (pip, pyproject's pinned torch/torchvision, extras), without the
