@@ -68,8 +68,11 @@ def _args() -> argparse.Namespace:
 
 
 @st.cache_resource(max_entries=2, show_spinner="Loading the model…")
-def load_predictor(run: str, members: str, calibration: str, device: str, stamp: str) -> Any:
-    """The bundle's Predictor, loaded once per (bundle, members, calibration, device, times).
+def load_predictor(
+    run: str, members: str, calibration: str, device: str, stamp: str, backend: str = "torch"
+) -> Any:
+    """The bundle's Predictor, loaded once per (bundle, members, calibration, device, times,
+    backend). With the onnx backend the stamp includes the export's modification time.
 
     Warmed up here, behind the loading spinner, so that the first upload does not pay for
     one-time costs: importing pytorch-grad-cam (~4 s), the first forward and the first CAM
@@ -85,6 +88,7 @@ def load_predictor(run: str, members: str, calibration: str, device: str, stamp:
         members=members,  # type: ignore[arg-type]
         calibration=None if calibration == "default" else calibration,
         device=device,
+        backend=backend,  # type: ignore[arg-type]
     )
     size = predictor.prep.image_size
     blank = [np.zeros((size, size), np.float32)]
@@ -196,6 +200,30 @@ def pick_model(args: argparse.Namespace) -> tuple[RunSummary, str, str]:
         "none of the served models trained on; calibrator and threshold cross-fitted."
     )
     return s, members, calibration
+
+
+def pick_backend(summary: RunSummary, members: str) -> tuple[str, str]:
+    """What computes the predictions: PyTorch, or the bundle's ONNX export of the served
+    configuration when there is one (``xraycls export RUN --format onnx``). Returns the backend
+    and a stamp of the export file (part of the model's cache key)."""
+    from xraycls.inference.onnx_backend import default_export_path
+
+    export = default_export_path(Bundle.read(summary.path), members)
+    if not export.is_file():
+        return "torch", ""
+    backend = st.sidebar.radio(
+        "Inference",
+        ["torch", "onnx"],
+        format_func={"torch": "PyTorch", "onnx": "ONNX export (onnxruntime, CPU)"}.__getitem__,
+        key=f"backend::{summary.path}::{members}",
+        help="The same calibration and threshold either way. Grad-CAM always uses the "
+        "PyTorch weights (it needs gradients).",
+    )
+    if backend == "onnx":
+        st.sidebar.caption(
+            f"Predictions from `{export.name}` on onnxruntime; Grad-CAM from the PyTorch weights."
+        )
+    return backend, str(export.stat().st_mtime_ns)
 
 
 def explanation_controls(summary: RunSummary) -> tuple[str, str | None, float, int | None]:
@@ -466,13 +494,16 @@ def main() -> None:
 
     set_threads(args.threads)
     summary, members, calibration = pick_model(args)
-    stamp = Bundle.read(summary.path).stamp()
+    backend, export_stamp = pick_backend(summary, members)
+    stamp = Bundle.read(summary.path).stamp() + export_stamp
     try:
-        predictor = load_predictor(str(summary.path), members, calibration, args.device, stamp)
+        predictor = load_predictor(
+            str(summary.path), members, calibration, args.device, stamp, backend
+        )
     except (ValueError, OSError, RuntimeError, KeyError) as e:  # BundleError is a ValueError
         st.error(f"Cannot load the bundle {summary.path}: {e}")
         st.stop()
-    model_key = (str(summary.path), members, calibration, args.device, stamp)
+    model_key = (str(summary.path), members, calibration, args.device, stamp, backend)
     reference, ref_source = intensity_reference(str(summary.path), stamp, predictor.prep)
     st.sidebar.caption(f"Intensity reference: {ref_source}.")
     cam_opts = explanation_controls(summary)

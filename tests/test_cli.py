@@ -13,7 +13,9 @@ from typer.testing import CliRunner
 from xraycls.cli import app
 
 runner = CliRunner()
-COMMANDS = ["ingest", "train", "calibrate", "evaluate", "models", "compare", "app", "predict"]
+COMMANDS = [
+    "ingest", "train", "calibrate", "evaluate", "models", "compare", "app", "predict", "export",
+]  # fmt: skip
 
 
 def _help(command: str) -> str:

@@ -64,6 +64,21 @@ class EngineChoice(StrEnum):
     ray = "ray"
 
 
+class BackendChoice(StrEnum):
+    torch = "torch"
+    onnx = "onnx"
+
+
+class ExportFormat(StrEnum):
+    onnx = "onnx"
+
+
+class ExporterChoice(StrEnum):
+    auto = "auto"
+    dynamo = "dynamo"
+    torchscript = "torchscript"
+
+
 class CamChoice(StrEnum):
     gradcam = "gradcam"
     gradcampp = "gradcam++"
@@ -542,6 +557,13 @@ def predict(
     engine: Annotated[
         EngineChoice, typer.Option(help="local (DataLoader) or ray (Ray Data).")
     ] = EngineChoice.local,
+    backend: Annotated[
+        BackendChoice,
+        typer.Option(
+            help="torch, or onnx: the bundle's ONNX export (`xraycls export`) on onnxruntime, "
+            "CPU. CAMs always use the PyTorch weights."
+        ),
+    ] = BackendChoice.torch,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, ...")] = "auto",
 ) -> None:
     """Score images with a run bundle: one row per file with calibrated probabilities.
@@ -551,12 +573,15 @@ def predict(
     cannot start (bad --run, missing INPUT, --out from other settings).
     """
     from xraycls.bundle import BundleError
+    from xraycls.inference.onnx_backend import ExportError
     from xraycls.inference.scoring import ScoreError, score
     from xraycls.io.manifest import LabelsError
 
     if (source is None) == (dicomweb is None):
         raise typer.BadParameter("give either INPUT or --dicomweb URL")
     if dicomweb is not None:
+        if backend.value != "torch":
+            raise typer.BadParameter("--backend onnx is not available with --dicomweb yet")
         _predict_dicomweb(
             dicomweb,
             out,
@@ -584,9 +609,10 @@ def predict(
                 dicom_out=dicom_out,
                 parquet=parquet,
                 engine=engine.value,  # type: ignore[arg-type]
+                backend=backend.value,  # type: ignore[arg-type]
                 on_progress=lambda done, total: bar.update(task, completed=done, total=total),
             )
-        except (BundleError, LabelsError, ScoreError, OSError) as e:
+        except (BundleError, ExportError, LabelsError, ScoreError, OSError) as e:
             from rich.markup import escape
 
             console.print(f"[red]error:[/red] {escape(str(e))}", soft_wrap=True, highlight=False)
@@ -686,6 +712,60 @@ def listen(
 
         console.print(f"[red]error:[/red] {escape(str(e))}", soft_wrap=True, highlight=False)
         raise typer.Exit(2) from e
+
+
+@app.command()
+def export(
+    run_dir: Annotated[Path, typer.Argument(metavar="RUN", help="A `xraycls train` run folder.")],
+    format_: Annotated[ExportFormat, typer.Option("--format", help="Export format.")],
+    out: Annotated[
+        Path | None,
+        typer.Option(help="The .onnx file (default RUN/export/<configuration>.onnx)."),
+    ] = None,
+    members: Annotated[
+        MembersChoice, typer.Option(help="Fold ensemble, refit model, or the bundle's default.")
+    ] = MembersChoice.auto,
+    opset: Annotated[int, typer.Option(help="ONNX opset (recorded in the file).")] = 18,
+    exporter: Annotated[
+        ExporterChoice,
+        typer.Option(help="auto: torch.onnx dynamo, falling back to the TorchScript exporter."),
+    ] = ExporterChoice.auto,
+    verify_on: Annotated[
+        list[Path] | None,
+        typer.Option(help="An image to verify on besides the bundle's holdout (repeatable)."),
+    ] = None,
+    tolerance: Annotated[
+        float, typer.Option(help="Largest |logit difference| onnxruntime vs PyTorch accepted.")
+    ] = 1e-3,
+) -> None:
+    """Export the served model (all its members, one graph, dynamic batch) and verify it.
+
+    onnxruntime and PyTorch score the same images (generated ones and the bundle's holdout
+    images when readable); the export is kept only when the logits agree within --tolerance and
+    every decision is identical. `predict --backend onnx` and the viewer then run it on the CPU
+    with the bundle's calibration. Writes a JSON sidecar beside the .onnx file.
+    """
+    from xraycls.bundle import BundleError
+    from xraycls.inference.export import ExportError, export_run
+
+    try:
+        result = export_run(
+            run_dir,
+            fmt=format_.value,
+            out=out,
+            members=members.value,  # type: ignore[arg-type]
+            opset=opset,
+            exporter=exporter.value,  # type: ignore[arg-type]
+            verify_on=verify_on or [],
+            tolerance=tolerance,
+            log=lambda m: console.print(m, markup=False, highlight=False),
+        )
+    except (BundleError, ExportError, OSError) as e:
+        from rich.markup import escape
+
+        console.print(f"[red]error:[/red] {escape(str(e))}", soft_wrap=True, highlight=False)
+        raise typer.Exit(2) from e
+    console.print(f"export: {result.line()}", markup=False, highlight=False, soft_wrap=True)
 
 
 def main() -> None:

@@ -5,14 +5,20 @@ that decides a prediction comes from the bundle, never from code defaults: backb
 size, preprocessing and normalisation (``bundle.json``), classes (``labels.json``), weights
 (safetensors), calibration and operating threshold (``calibration.json``), all read through
 :class:`xraycls.bundle.Bundle`.
+
+Two backends compute the logits: ``torch`` (the safetensors weights) and ``onnx`` (the bundle's
+ONNX export, run by onnxruntime on the CPU; :mod:`xraycls.inference.export`). Averaging,
+calibration and the decision are the same code for both. Grad-CAM needs gradients, so it always
+uses the PyTorch weights; with the onnx backend they are loaded only when a CAM asks for them.
 """
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -26,6 +32,12 @@ from xraycls.io.ood import OODCriteria
 from xraycls.io.preprocess import ImageCache, Preprocessing, preprocess_file
 from xraycls.models.runtime import resolve_device
 from xraycls.models.weights import Normalization, load_weights, to_model_input
+
+if TYPE_CHECKING:
+    from xraycls.inference.onnx_backend import OnnxRunner
+
+Backend = Literal["torch", "onnx"]
+BACKENDS: tuple[str, ...] = ("torch", "onnx")
 
 
 @dataclass
@@ -66,8 +78,14 @@ class Predictor:
         calibration_name: str = "default",
         calibration_entry: dict[str, Any] | None = None,
         ood: OODCriteria | None = None,
+        runner: OnnxRunner | None = None,
+        load_models: Callable[[], list[torch.nn.Module]] | None = None,
     ) -> None:
-        self.models = models
+        self._models: list[torch.nn.Module] | None = models if runner is None else None
+        self._load_models = load_models
+        self.runner = runner
+        """The onnxruntime session when the backend is ``onnx``, else None."""
+        self.n_members = len(models) if runner is None else int(runner.metadata["xraycls_members"])
         self.classes = classes
         self.prep = prep
         self.calibrator = calibrator
@@ -87,6 +105,20 @@ class Predictor:
         out-of-distribution check of every image it predicts."""
 
     @property
+    def backend(self) -> Backend:
+        """``torch`` or ``onnx``: what computes the logits."""
+        return "torch" if self.runner is None else "onnx"
+
+    @property
+    def models(self) -> list[torch.nn.Module]:
+        """The PyTorch members. With the onnx backend they are loaded on first use (Grad-CAM)."""
+        if self._models is None:
+            if self._load_models is None:
+                raise BundleError("this predictor has no PyTorch weights to explain with")
+            self._models = self._load_models()
+        return self._models
+
+    @property
     def calibrated(self) -> bool:
         """Whether the probabilities are calibrated for the served configuration."""
         return self.calibrator is not None
@@ -99,6 +131,8 @@ class Predictor:
         members: Members = "auto",
         calibration: str | None = None,
         device: str = "auto",
+        backend: Backend = "torch",
+        onnx_path: str | Path | None = None,
     ) -> Predictor:
         """Load a bundle written by ``xraycls train``.
 
@@ -108,10 +142,15 @@ class Predictor:
                 (``weights.safetensors``) or ``auto``: the bundle's default (the fold ensemble).
             calibration: None for the bundle's own calibration (fitted on its holdout), or the
                 name of a site calibration (``xraycls calibrate RUN --on CSV --name NAME``).
-            device: ``auto``, ``cpu``, ``cuda``, ...
+            device: ``auto``, ``cpu``, ``cuda``, ... (with the onnx backend: where Grad-CAM's
+                PyTorch weights go; the ONNX graph runs on the CPU).
+            backend: ``torch`` or ``onnx`` (the export ``xraycls export RUN --format onnx``
+                wrote for this configuration, checked against the bundle's weights).
+            onnx_path: The ONNX file (default ``RUN/export/<configuration>.onnx``).
 
         Raises:
             BundleError: A file is missing or inconsistent; the message names it.
+            ExportError: The onnx backend's file is missing, unloadable or of other weights.
             ConfigError: The device is not available.
         """
         from xraycls.models import create_model
@@ -122,19 +161,30 @@ class Predictor:
         calibrator, threshold, entry = load_configuration(
             bundle, configuration, calibration=calibration
         )
+        if backend not in BACKENDS:
+            raise ValueError(f"backend {backend!r}: use one of {', '.join(BACKENDS)}")
         dev = resolve_device(device)
-        models = []
-        for f in files:
-            model = create_model(
-                bundle.model, num_classes=len(bundle.classes), image_size=bundle.image_size
-            )
-            try:
-                model.load_state_dict(load_weights(f))
-            except (RuntimeError, OSError) as e:  # shape mismatch, corrupt safetensors
-                raise BundleError(f"{f}: does not hold {bundle.model} weights ({e})") from e
-            models.append(model.to(dev).eval())
+
+        def load_models() -> list[torch.nn.Module]:
+            models = []
+            for f in files:
+                model = create_model(
+                    bundle.model, num_classes=len(bundle.classes), image_size=bundle.image_size
+                )
+                try:
+                    model.load_state_dict(load_weights(f))
+                except (RuntimeError, OSError) as e:  # shape mismatch, corrupt safetensors
+                    raise BundleError(f"{f}: does not hold {bundle.model} weights ({e})") from e
+                models.append(model.to(dev).eval())
+            return models
+
+        runner = None
+        if backend == "onnx":
+            from xraycls.inference.onnx_backend import open_export
+
+            runner = open_export(bundle, configuration, onnx_path)
         return cls(
-            models,
+            [] if runner is not None else load_models(),
             classes=list(bundle.classes),
             prep=bundle.preprocessing,
             normalization=bundle.normalization,
@@ -146,6 +196,8 @@ class Predictor:
             calibration_name=calibration or "default",
             calibration_entry=entry,
             ood=OODCriteria(bundle.intensity_reference(), bundle.age_range),
+            runner=runner,
+            load_models=load_models,
         )
 
     def to_tensor(self, pixels: list[np.ndarray]) -> torch.Tensor:
@@ -155,6 +207,8 @@ class Predictor:
     @torch.no_grad()
     def logits(self, batch: torch.Tensor) -> np.ndarray:
         """Members x N x C logits for a normalised batch."""
+        if self.runner is not None:
+            return self.runner(batch.cpu().numpy()).astype(np.float32, copy=False)
         batch = batch.to(self.device)
         return np.stack([m(batch).float().cpu().numpy() for m in self.models])
 
@@ -216,9 +270,9 @@ class Predictor:
 
     def describe(self) -> dict[str, Any]:
         """Identity of the loaded bundle (for reports and the viewer)."""
-        return {
+        out: dict[str, Any] = {
             "run": str(self.run_dir) if self.run_dir else None,
-            "members": len(self.models),
+            "members": self.n_members,
             "classes": self.classes,
             "image_size": self.prep.image_size,
             "configuration": self.configuration,
@@ -226,3 +280,7 @@ class Predictor:
             "calibration_name": self.calibration_name,
             "threshold": self.threshold,
         }
+        if self.runner is not None:  # absent for torch: older results files stay resumable
+            out["backend"] = "onnx"
+            out["onnx"] = self.runner.path.name
+        return out

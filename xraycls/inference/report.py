@@ -67,7 +67,8 @@ def build_report(
                 "image_size": summary.image_size,
                 "training_data": summary.data,
                 "served": predictor.configuration,
-                "n_members": len(predictor.models),
+                "n_members": predictor.n_members,
+                "backend": predictor.backend,
                 "cross_validation_auroc": summary.cv_auroc,
                 "cross_validation_auroc_95ci": list(summary.cv_auroc_ci)
                 if summary.cv_auroc_ci

@@ -46,6 +46,7 @@ if TYPE_CHECKING:
     from xraycls.inference.predictor import Predictor
 
 Engine = Literal["local", "ray"]
+Backend = Literal["torch", "onnx"]
 
 # --------------------------------------------------------------------------- inputs
 
@@ -204,6 +205,7 @@ def score(
     dicom_out: str | Path | None = None,
     parquet: bool = False,
     engine: Engine = "local",
+    backend: Backend = "torch",
     on_progress: Callable[[int, int], None] | None = None,
 ) -> ScoreSummary:
     """Score every file of ``source`` into the results CSV ``out``, resuming an earlier run.
@@ -225,6 +227,8 @@ def score(
             DICOM input here.
         parquet: Also write ``out`` with a ``.parquet`` suffix when the run completes.
         engine: ``local`` (DataLoader) or ``ray`` (Ray Data; needs ``xraycls[distributed]``).
+        backend: ``torch``, or ``onnx``: the bundle's ONNX export on onnxruntime (CPU; the
+            local engine only). CAMs and Secondary Captures still use the PyTorch weights.
         on_progress: Called with (done, total) after each batch.
 
     Raises:
@@ -234,12 +238,21 @@ def score(
         ScoreError: Bad output location, settings mismatch with an earlier run, or a missing
             optional dependency.
     """
+    if backend not in ("torch", "onnx"):
+        raise ScoreError(f"unknown backend {backend!r}: use torch or onnx")
+    if backend == "onnx" and engine == "ray":
+        raise ScoreError("--backend onnx runs with the local engine only (not --engine ray)")
     inputs = collect_inputs(source)
     out, cam_dir, dicom_out = _check_outputs(
         inputs, out, cam_dir, dicom_out, batch_size=batch_size, parquet=parquet, engine=engine
     )
     predictor = _predictor(
-        run, members=members, calibration=calibration, device=device, engine=engine
+        run,
+        members=members,
+        calibration=calibration,
+        device=device,
+        engine=engine,
+        backend=backend,
     )
     explain = None
     if cam_dir is not None or dicom_out is not None:
@@ -325,6 +338,7 @@ def _predictor(
     calibration: str | None,
     device: str,
     engine: str,
+    backend: Backend = "torch",
 ) -> Predictor:
     from xraycls.inference.predictor import Predictor
 
@@ -336,6 +350,7 @@ def _predictor(
         members=members,
         calibration=calibration,
         device="cpu" if engine == "ray" else device,
+        backend=backend,
     )
 
 
