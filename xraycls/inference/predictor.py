@@ -17,15 +17,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from xraycls.bundle.calibration import load_configuration
+from xraycls.bundle.calibration import FindingCalibration, load_configuration
 from xraycls.bundle.format import Bundle, BundleError, Members
 from xraycls.errors import ImageReadError
 from xraycls.evaluation.calibration import Calibrator
-from xraycls.evaluation.metrics import softmax
+from xraycls.evaluation.metrics import sigmoid, softmax
 from xraycls.io.ood import OODCriteria
 from xraycls.io.preprocess import ImageCache, Preprocessing, preprocess_file
 from xraycls.models.runtime import resolve_device
 from xraycls.models.weights import Normalization, load_weights, to_model_input
+
+
+NO_FINDING = "No Finding"
+"""A multi-label decision when no finding reaches its threshold."""
 
 
 @dataclass
@@ -46,6 +50,20 @@ class Prediction:
     threshold: float | None
     calibrated: bool = True
     """False when the served configuration has no calibration: ``probs`` are raw softmax."""
+    thresholds: np.ndarray | None = None
+    """Multi-label: each finding's operating threshold (None when uncalibrated: 0.5 each)."""
+    decisions: np.ndarray | None = None
+    """Multi-label: each finding called present (``probs >= thresholds``)."""
+
+    def ranked(self, classes: list[str]) -> list[tuple[str, float, bool | None]]:
+        """``(class or finding, probability, decision)`` from the most probable down; the
+        decision is None for a multi-class task."""
+        order = np.argsort(-np.asarray(self.probs), kind="stable")
+        dec = self.decisions
+        return [
+            (classes[i], float(self.probs[i]), None if dec is None else bool(dec[i]))
+            for i in order
+        ]
 
 
 class Predictor:
@@ -58,7 +76,7 @@ class Predictor:
         classes: list[str],
         prep: Preprocessing,
         normalization: Normalization,
-        calibrator: Calibrator | None,
+        calibrator: Calibrator | FindingCalibration | None,
         threshold: float | None,
         device: torch.device,
         run_dir: Path | None = None,
@@ -66,8 +84,11 @@ class Predictor:
         calibration_name: str = "default",
         calibration_entry: dict[str, Any] | None = None,
         ood: OODCriteria | None = None,
+        multilabel: bool = False,
     ) -> None:
         self.models = models
+        self.multilabel = multilabel
+        """Findings (one sigmoid each, a decision per finding) rather than one class."""
         self.classes = classes
         self.prep = prep
         self.calibrator = calibrator
@@ -146,6 +167,7 @@ class Predictor:
             calibration_name=calibration or "default",
             calibration_entry=entry,
             ood=OODCriteria(bundle.intensity_reference(), bundle.age_range),
+            multilabel=bundle.multilabel,
         )
 
     def to_tensor(self, pixels: list[np.ndarray]) -> torch.Tensor:
@@ -164,9 +186,24 @@ class Predictor:
             return []
         member_logits = self.logits(self.to_tensor(pixels))
         mean_logits = member_logits.mean(0)
-        raw = softmax(mean_logits)
+        raw = sigmoid(mean_logits) if self.multilabel else softmax(mean_logits)
         probs = self._calibrate(mean_logits)
         members = np.stack([self._calibrate(z) for z in member_logits], axis=1)
+        if self.multilabel:
+            t = self.finding_thresholds
+            return [
+                Prediction(
+                    probs[i],
+                    raw[i],
+                    members[i],
+                    self._findings_text(probs[i] >= t),
+                    None,
+                    calibrated=self.calibrated,
+                    thresholds=t,
+                    decisions=probs[i] >= t,
+                )
+                for i in range(len(pixels))
+            ]
         return [
             Prediction(
                 probs[i],
@@ -199,9 +236,22 @@ class Predictor:
             results[i] = pred
         return results
 
+    @property
+    def finding_thresholds(self) -> np.ndarray:
+        """Multi-label: each finding's stored operating threshold (0.5 where none is stored:
+        an uncalibrated bundle)."""
+        cal = self.calibrator
+        if isinstance(cal, FindingCalibration):
+            return np.where(np.isfinite(cal.thresholds), cal.thresholds, 0.5)
+        return np.full(len(self.classes), 0.5)
+
+    def _findings_text(self, present: np.ndarray) -> str:
+        names = [c for c, d in zip(self.classes, present, strict=True) if d]
+        return "|".join(names) if names else NO_FINDING
+
     def _calibrate(self, logits: np.ndarray) -> np.ndarray:
         if self.calibrator is None:
-            return softmax(logits)
+            return sigmoid(logits) if self.multilabel else softmax(logits)
         return self.calibrator.predict_proba(logits)
 
     def _decide(self, probs: np.ndarray) -> str:
@@ -225,4 +275,5 @@ class Predictor:
             "calibration": None if self.calibrator is None else self.calibrator.method,
             "calibration_name": self.calibration_name,
             "threshold": self.threshold,
+            "task": "multilabel" if self.multilabel else "multiclass",
         }
