@@ -286,7 +286,8 @@ def show_prediction(a: Analysis, summary: RunSummary, predictor: Any) -> None:
     if not predictor.calibrated:
         st.warning(
             "Uncalibrated: this bundle has no calibration for the served model; the "
-            "probabilities are raw " + ("sigmoid" if summary.multilabel else "softmax")
+            "probabilities are raw "
+            + ("sigmoid" if summary.multilabel else "softmax")
             + " outputs and no threshold was validated."
         )
     if summary.multilabel:
@@ -304,9 +305,11 @@ def show_prediction(a: Analysis, summary: RunSummary, predictor: Any) -> None:
 def show_findings(a: Analysis, summary: RunSummary, predictor: Any) -> None:
     """The ranked findings table: probability, member spread, decision at each finding's
     threshold, and that operating point's cross-fitted numbers with 95% intervals."""
-    served = summary.served.get(predictor.configuration) if predictor.calibration_name == (
-        "default"
-    ) else None
+    served = (
+        summary.served.get(predictor.configuration)
+        if predictor.calibration_name == ("default")
+        else None
+    )
     rows = [
         {
             "Finding": r.name,

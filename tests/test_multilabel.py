@@ -26,10 +26,9 @@ from xraycls.training.config import load_config
 from xraycls.training.data import load_table
 from xraycls.training.engine import masked_bce, pos_weights
 
-def ml_config(labels: Path, *extra: str):  # noqa: ANN201
-    return load_config(
-        REPO / "configs" / "smoke.yaml", [*multilabel_overrides(labels), *extra]
-    )
+
+def ml_config(labels: Path, *extra: str):
+    return load_config(REPO / "configs" / "smoke.yaml", [*multilabel_overrides(labels), *extra])
 
 
 @pytest.fixture(scope="module")

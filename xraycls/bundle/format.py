@@ -506,7 +506,10 @@ def finding_label_cells(label: np.ndarray, classes: list[str]) -> dict[str, str]
 def read_finding_labels(rows: list[dict[str, str]], classes: list[str]) -> np.ndarray:
     """N x K float labels from ``label_<finding>`` cells (blank -> NaN)."""
     return np.array(
-        [[float(r[f"label_{c}"]) if r[f"label_{c}"] != "" else np.nan for c in classes] for r in rows],
+        [
+            [float(r[f"label_{c}"]) if r[f"label_{c}"] != "" else np.nan for c in classes]
+            for r in rows
+        ],
         dtype=np.float64,
     ).reshape(len(rows), len(classes))
 

@@ -135,9 +135,7 @@ class ServedSummary:
                 ece={"value": macro["ece"], "low": nan, "high": nan},
                 ece_uncalibrated={"value": macro["ece_uncalibrated"], "low": nan, "high": nan},
                 threshold=None,
-                findings={
-                    f: FindingSummary.from_entry(f, e) for f, e in entry["findings"].items()
-                },
+                findings={f: FindingSummary.from_entry(f, e) for f, e in entry["findings"].items()},
             )
         return cls(
             configuration=entry["configuration"],

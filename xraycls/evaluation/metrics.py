@@ -131,7 +131,11 @@ def classification_metrics(
 
 
 def multilabel_metrics(
-    probs: np.ndarray, labels: np.ndarray, findings: list[str], *, thresholds: np.ndarray | None = None
+    probs: np.ndarray,
+    labels: np.ndarray,
+    findings: list[str],
+    *,
+    thresholds: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Per-finding and averaged metrics of multi-label probabilities.
 
@@ -155,7 +159,9 @@ def multilabel_metrics(
     p = np.asarray(probs, dtype=np.float64)
     y = np.asarray(labels, dtype=np.float64)
     if p.shape != y.shape or p.ndim != 2 or p.shape[1] != len(findings):
-        raise ValueError(f"need N x {len(findings)} probabilities and labels, got {p.shape}, {y.shape}")
+        raise ValueError(
+            f"need N x {len(findings)} probabilities and labels, got {p.shape}, {y.shape}"
+        )
     t = np.full(len(findings), 0.5) if thresholds is None else np.asarray(thresholds, np.float64)
     per: dict[str, dict[str, float]] = {}
     for j, name in enumerate(findings):

@@ -92,7 +92,9 @@ def holdout_split(
 # --------------------------------------------------------------------------- multi-label
 
 
-def multilabel_parts(labels: np.ndarray, groups: np.ndarray, *, n_parts: int, seed: int) -> np.ndarray:
+def multilabel_parts(
+    labels: np.ndarray, groups: np.ndarray, *, n_parts: int, seed: int
+) -> np.ndarray:
     """Assign each image a part in ``range(n_parts)``, whole patients only, so that every
     finding's positive patients spread as evenly as they can over the parts.
 

@@ -27,7 +27,6 @@ from xraycls.io.preprocess import ImageCache, Preprocessing, preprocess_file
 from xraycls.models.runtime import resolve_device
 from xraycls.models.weights import Normalization, load_weights, to_model_input
 
-
 NO_FINDING = "No Finding"
 """A multi-label decision when no finding reaches its threshold."""
 
@@ -61,8 +60,7 @@ class Prediction:
         order = np.argsort(-np.asarray(self.probs), kind="stable")
         dec = self.decisions
         return [
-            (classes[i], float(self.probs[i]), None if dec is None else bool(dec[i]))
-            for i in order
+            (classes[i], float(self.probs[i]), None if dec is None else bool(dec[i])) for i in order
         ]
 
 

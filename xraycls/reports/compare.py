@@ -107,7 +107,9 @@ def compare_runs(
     if tasks == {2}:
         from xraycls.reports.findings import compare_findings
 
-        wanted = next((n for n, (d, _) in zip(names, oofs, strict=True) if baseline in (n, d.name)), None)
+        wanted = next(
+            (n for n, (d, _) in zip(names, oofs, strict=True) if baseline in (n, d.name)), None
+        )
         runs = [(n, d, oof) for n, (d, oof) in zip(names, oofs, strict=True)]
         return compare_findings(runs, out, baseline=wanted, n_boot=n_boot, log=log)
     if len(tasks) > 1:

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from xraycls.bundle.format import Bundle, BundleError, OutOfFold
+from xraycls.bundle.format import BundleError, OutOfFold
 from xraycls.evaluation.metrics import (
     bootstrap_ci,
     delong_test,
@@ -45,8 +45,8 @@ def compare_findings(
     Raises:
         BundleError: The runs do not share images, findings and labels.
     """
-    name0, dir0, first = runs[0]
-    for name, d, oof in runs[1:]:
+    _, dir0, first = runs[0]
+    for _, d, oof in runs[1:]:
         if oof.classes != first.classes:
             raise BundleError(
                 f"{d}: findings {oof.classes} differ from {dir0}'s {first.classes}; "
@@ -119,7 +119,7 @@ def _finding(
             v, lo, hi = bootstrap_ci(auroc, pj, yj, groups=groups[known], n_boot=n_boot)
         except ValueError:
             v, lo, hi = math.nan, math.nan, math.nan
-    return {"auroc": v, "low": lo, "high": hi, "positives": int(yj.sum()), "n": int(len(yj))}
+    return {"auroc": v, "low": lo, "high": hi, "positives": int(yj.sum()), "n": len(yj)}
 
 
 def _paired(

@@ -419,7 +419,7 @@ def _multilabel_run_metrics(
     floor = multilabel_metrics(oof.floor, oof.labels, oof.classes)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        v, lo, hi = multilabel_bootstrap_ci(
+        _, lo, hi = multilabel_bootstrap_ci(
             macro_auroc, probs, oof.labels, groups=oof.groups, n_boot=n_boot
         )
     pooled["auroc_ci"] = [lo, hi]

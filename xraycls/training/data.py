@@ -217,9 +217,7 @@ def _from_separated(
             f"{cfg.labels}: no column {column!r} (data.label_column); columns: "
             f"{', '.join(rows[0][1])}"
         )
-    named = [
-        {n.strip() for n in (r[column] or "").split(sep) if n.strip()} for _, r in rows
-    ]
+    named = [{n.strip() for n in (r[column] or "").split(sep) if n.strip()} for _, r in rows]
     found = sorted(set().union(*named) - {n for n in set().union(*named) if _no_finding(n)})
     findings = list(cfg.findings or found)
     ignored = sorted(set(found) - set(findings))
