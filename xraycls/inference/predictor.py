@@ -37,15 +37,19 @@ class Prediction:
 
     probs: np.ndarray
     """The served model's calibrated class probabilities (its raw softmax when the bundle has
-    no calibration for it: see :attr:`Predictor.calibrated`)."""
+    no calibration for it: see :attr:`Predictor.calibrated`). Multi-label: one independent
+    calibrated probability per finding (raw sigmoid when uncalibrated)."""
     raw_probs: np.ndarray
-    """Uncalibrated softmax of the served logits (the fold ensemble's mean logits)."""
+    """Uncalibrated softmax (multi-label: sigmoid) of the served logits (the fold ensemble's
+    mean logits)."""
     member_probs: np.ndarray
     """Each ensemble member's logits through the served calibrator (members x classes). The
     calibrator is fitted on the ensemble, not on each member: the spread shows how much the
     members disagree, not calibrated member probabilities."""
     predicted: str
-    """The decision: the positive class at or above the stored threshold (binary), else argmax."""
+    """The decision: the positive class at or above the stored threshold (binary), else argmax.
+    Multi-label: the findings at or above their own thresholds joined by ``|``, or
+    :data:`NO_FINDING`."""
     threshold: float | None
     calibrated: bool = True
     """False when the served configuration has no calibration: ``probs`` are raw softmax."""
