@@ -144,6 +144,22 @@ def main() -> None:
         "per_finding": rows,
         "anchors_not_comparable": ANCHORS,
     }
+    print()
+    print(
+        "| finding | positives | OOF AUROC [95% CI] | floor AUROC | model - floor (DeLong p) | "
+        "OOF AUPRC | floor AUPRC | served: holdout AUROC | calibrator | ECE | threshold | "
+        "sensitivity / specificity |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        lo, hi = r["oof_auroc_ci"]
+        print(
+            f"| {r['finding']} | {r['positives']} | {fmt(r['oof_auroc'])} [{fmt(lo)}, {fmt(hi)}] "
+            f"| {fmt(r['floor_auroc'])} | {r['diff']:+.3f} ({fmt(r['delong_p'])}) | "
+            f"{fmt(r['oof_auprc'])} | {fmt(r['floor_auprc'])} | "
+            f"{fmt(r['served_auroc_holdout'])} | {r['served_method']} | {fmt(r['served_ece'])} | "
+            f"{fmt(r['threshold'])} | {fmt(r['sensitivity'])} / {fmt(r['specificity'])} |"
+        )
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2) + "\n")
     print(f"-> {args.json}")
