@@ -360,3 +360,47 @@ def test_shared_nih_labels_load_as_fourteen_findings() -> None:
     folds = patient_folds(table.labels, table.groups, folds=3, seed=0)
     per_fold = np.array([table.labels[folds == k].sum(0) for k in range(3)])
     assert per_fold.min() >= 5  # Edema (18) and Hernia (20) reach every fold
+
+
+@pytest.mark.slow
+def test_train_on_the_shared_nih_sample_end_to_end(tmp_path: Path) -> None:
+    """``xraycls train`` with ``task: multilabel`` on the shared NIH sample leaves a bundle whose
+    per-finding report, predictions, viewer table and CAMs work (a tiny, short recipe: what is
+    tested is the path, not the accuracy; docs/multilabel_nih.md has the real numbers)."""
+    labels = shared_data_dir() / "nih-cxr14" / "labels.csv"
+    if not labels.exists():
+        pytest.skip(f"shared NIH ChestX-ray14 sample not found at {labels}")
+    from xraycls.bundle.summary import summarize_run
+    from xraycls.inference.analysis import analyse, explain, findings_table
+    from xraycls.inference.predictor import Predictor
+    from xraycls.inference.scoring import score
+    from xraycls.training.crossval import run_training
+
+    cfg = load_config(
+        REPO / "configs" / "nih_multilabel.yaml",
+        [
+            f"data.labels={labels}",
+            "model.image_size=64",
+            "cv.folds=2",
+            "train.stages=[{epochs: 1, train: all, lr: 1.0e-3}]",
+            "calibration.n_boot=100",
+        ],
+    )
+    run = tmp_path / "run"
+    run_training(cfg, run, log=lambda m: None)
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert len(metrics["pooled_oof"]["per_finding"]) == 14
+    card = (run / "MODEL_CARD.md").read_text()
+    assert "| Hernia |" in card and "| Edema |" in card
+    images = sorted((labels.parent / "images").glob("*.png"))[:3]
+    out = tmp_path / "pred.csv"
+    score(images[0].parent / images[0].name, out, run=run, workers=0, device="cpu")
+    row = next(csv.DictReader(out.open()))
+    assert row["status"] == "ok" and "prob_Hernia" in row and row["dec_Hernia"] in ("0", "1")
+    p = Predictor.from_run(run, device="cpu")
+    summary = summarize_run(run)
+    a = analyse(p, images[1].name, images[1].read_bytes())
+    table = findings_table(a.prediction, summary.classes, summary.served["folds"])
+    assert len(table) == 14 and table[0].probability >= table[-1].probability
+    cam = explain(p, a, target="Effusion")
+    assert cam.target == "Effusion" and cam.heatmap.shape == (64, 64)
