@@ -404,3 +404,63 @@ def test_train_on_the_shared_nih_sample_end_to_end(tmp_path: Path) -> None:
     assert len(table) == 14 and table[0].probability >= table[-1].probability
     cam = explain(p, a, target="Effusion")
     assert cam.target == "Effusion" and cam.heatmap.shape == (64, 64)
+
+
+def test_compare_reports_multilabel_runs_per_finding(ml_run: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from xraycls.bundle import BundleError
+    from xraycls.reports.compare import compare_runs
+
+    other = tmp_path / "again"
+    shutil.copytree(ml_run, other)
+    report = compare_runs([ml_run, other], tmp_path / "cmp", n_boot=100, log=lambda m: None)
+    assert report["task"] == "multilabel" and report["findings"] == FINDINGS
+    names = [r["name"] for r in report["rows"]]
+    assert len(names) == 3 and names[-1].startswith("floor")
+    twin = report["rows"][1]["vs_baseline"]["macro_diff"]
+    assert twin["value"] == 0 and twin["low"] == twin["high"] == 0  # identical predictions
+    md = (tmp_path / "cmp" / "report.md").read_text()
+    for f in FINDINGS:
+        assert f"| {f} |" in md
+    with pytest.raises(BundleError, match="same task"):
+        compare_runs([ml_run, _tiny_multiclass(tmp_path)], tmp_path / "x", log=lambda m: None)
+
+
+def _tiny_multiclass(tmp_path: Path) -> Path:
+    """A multi-class bundle's identity files beside the multi-label one (no training needed:
+    compare reads labels.json and the OOF file first)."""
+    import shutil
+
+    from xraycls.bundle.format import OutOfFold, write_oof
+
+    src = tmp_path / "mc"
+    src.mkdir()
+    shutil.copy(REPO / "configs" / "smoke.yaml", src / "config.yaml")
+    (src / "labels.json").write_text(json.dumps({"classes": ["a", "b"], "label_column": "label"}))
+    (src / "bundle.json").write_text(
+        json.dumps(
+            {
+                "model": "resnet50_test",
+                "image_size": 64,
+                "normalization": {"mean": [0.5] * 3, "std": [0.5] * 3},
+                "preprocessing": {
+                    "image_size": 64,
+                    "resize": "letterbox",
+                    "window": "auto",
+                    "percentiles": [0.5, 99.5],
+                },
+                "fold_weights": [],
+            }
+        )
+    )
+    oof = OutOfFold(
+        paths=["x.png", "y.png"],
+        groups=np.array(["p1", "p2"]),
+        labels=np.array([0, 1]),
+        folds=np.array([0, 1]),
+        logits=np.zeros((2, 2)),
+        classes=["a", "b"],
+    )
+    write_oof(src, oof, np.full((2, 2), 0.5))
+    return src
