@@ -20,6 +20,7 @@ import numpy as np
 
 from xraycls.bundle.format import BundleError, OutOfFold
 from xraycls.evaluation.metrics import (
+    auroc,
     bootstrap_ci,
     delong_test,
     macro_auroc,
@@ -111,8 +112,6 @@ def _finding(
 ) -> dict[str, float]:
     known = ~np.isnan(y[:, j])
     pj, yj = p[known, j], y[known, j].astype(np.int64)
-    from xraycls.evaluation.metrics import auroc
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:

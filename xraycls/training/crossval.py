@@ -16,6 +16,7 @@ Reading order: :func:`run_training` (the run: data, folds, refit, floor, bundle)
 
 from __future__ import annotations
 
+import re
 import time
 import warnings
 from collections.abc import Callable
@@ -331,8 +332,6 @@ def _prepare(
 
 def _name_findings(message: str, table: Table) -> str:
     """A splitter's ``finding #j`` with the finding's name."""
-    import re
-
     return re.sub(r"finding #(\d+)", lambda m: f"finding {table.classes[int(m[1])]!r}", message)
 
 
