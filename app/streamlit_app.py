@@ -29,6 +29,7 @@ from xraycls import viewer as V
 from xraycls.bundle.format import Bundle, find_bundles
 from xraycls.bundle.summary import (
     RunSummary,
+    ci_text,
     default_members,
     intensity_reference_for_run,
     summarize_run,
@@ -41,6 +42,7 @@ from xraycls.inference.analysis import (
     analyse_many,
     decision_text,
     explain,
+    findings_table,
     uncertainty,
     uncertainty_text,
 )
@@ -236,11 +238,12 @@ def explanation_controls(summary: RunSummary) -> tuple[str, str | None, float, i
 
     st.sidebar.header("Explanation")
     method = st.sidebar.selectbox("CAM method", CAM_METHODS, key="cam_method")
+    default_target = "(the most probable finding)" if summary.multilabel else "(the decision)"
     target = st.sidebar.selectbox(
-        "Target class",
-        ["(the decision)", *summary.classes],
+        "Target finding" if summary.multilabel else "Target class",
+        [default_target, *summary.classes],
         key="cam_target",
-        help="Which class's evidence to show. eigencam ignores it.",
+        help="Which finding's (class's) evidence to show. eigencam ignores it.",
     )
     alpha = st.sidebar.slider("Overlay opacity", 0.0, 1.0, 0.4, 0.05, key="cam_alpha")
     sizes = V.cam_sizes(summary.image_size, summary.backbone)
@@ -255,7 +258,7 @@ def explanation_controls(summary: RunSummary) -> tuple[str, str | None, float, i
     )
     return (
         method,
-        None if target == "(the decision)" else target,
+        None if target == default_target else target,
         alpha,
         None if cam_size == summary.image_size else cam_size,
     )
@@ -311,8 +314,56 @@ def show_prediction(a: Analysis, summary: RunSummary, predictor: Any) -> None:
     if not predictor.calibrated:
         st.warning(
             "Uncalibrated: this bundle has no calibration for the served model; the "
-            "probabilities are raw softmax outputs and no threshold was validated."
+            "probabilities are raw "
+            + ("sigmoid" if summary.multilabel else "softmax")
+            + " outputs and no threshold was validated."
         )
+    if summary.multilabel:
+        show_findings(a, summary, predictor)
+    else:
+        show_classes(a, summary)
+    for w in a.ood.warnings():
+        st.warning(f"Out of distribution? {w}", icon="⚠️")
+    if a.ood.intensity is not None and not a.ood.intensity.flagged:
+        st.caption(a.ood.intensity.message())
+    for note in a.ood.notes:
+        st.caption(note)
+
+
+def show_findings(a: Analysis, summary: RunSummary, predictor: Any) -> None:
+    """The ranked findings table: probability, member spread, decision at each finding's
+    threshold, and that operating point's cross-fitted numbers with 95% intervals."""
+    served = (
+        summary.served.get(predictor.configuration)
+        if predictor.calibration_name == ("default")
+        else None
+    )
+    rows = [
+        {
+            "Finding": r.name,
+            "P(finding), calibrated": f"{r.probability:.3f}",
+            "Members": f"{r.member_min:.3f}-{r.member_max:.3f}",
+            "Decision": "present" if r.present else "absent",
+            "Threshold": "n/a" if r.threshold is None else f"{r.threshold:.3f}",
+            "AUROC (holdout)": ci_text(r.auroc),
+            "Sensitivity at threshold": ci_text(r.sensitivity),
+            "Specificity at threshold": ci_text(r.specificity),
+        }
+        for r in findings_table(a.prediction, summary.classes, served)
+    ]
+    st.markdown("#### Findings, most probable first")
+    st.table(rows)
+    st.caption(
+        "Probabilities are calibrated per finding; each finding has its own operating "
+        "threshold. AUROC, sensitivity and specificity: cross-fitted on patients none of the "
+        "served models saw, 95% patient-level intervals. "
+        + uncertainty_text(a.prediction, summary.classes)
+    )
+
+
+def show_classes(a: Analysis, summary: RunSummary) -> None:
+    """One metric per class: the calibrated probability and the member spread."""
+    pred = a.prediction
     cols = st.columns(len(summary.classes))
     for col, u in zip(cols, uncertainty(pred, summary.classes), strict=True):
         spread = (
@@ -325,12 +376,6 @@ def show_prediction(a: Analysis, summary: RunSummary, predictor: Any) -> None:
         )
         col.caption(spread)
     st.caption(uncertainty_text(pred, summary.classes))
-    for w in a.ood.warnings():
-        st.warning(f"Out of distribution? {w}", icon="⚠️")
-    if a.ood.intensity is not None and not a.ood.intensity.flagged:
-        st.caption(a.ood.intensity.message())
-    for note in a.ood.notes:
-        st.caption(note)
 
 
 def view_controls(a: Analysis) -> tuple[tuple[float, float] | None, tuple[slice, slice], int]:

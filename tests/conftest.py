@@ -100,3 +100,88 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("tiny_run")
     run_training(cfg, out, log=lambda m: None)
     return out
+
+
+FINDINGS = ["Square", "Disc", "Bar"]
+"""The synthetic multi-label set's findings (:func:`write_findings_dataset`)."""
+
+
+def write_findings_dataset(root: Path, n: int = 72, seed: int = 0) -> Path:
+    """A synthetic multi-label PNG set: each finding is a shape an image carries or not,
+    independently (``Square`` a bright square in the upper half, ``Disc`` a bright disc in the
+    lower half, ``Bar`` a dark horizontal bar). Columns ``path,patient_id,finding_labels``
+    (pipe-separated, ``No Finding`` for none) and one 0/1 column per finding, with a few blank
+    (unknown) and -1 (uncertain) cells. Patients own two images each."""
+    import csv
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    size, s = 64, 16
+    rows = []
+    for i in range(n):
+        present = {f for f in FINDINGS if rng.random() < 0.4}
+        img = rng.normal(0.4, 0.06, (size, size)).clip(0, 1)
+        if "Square" in present:
+            y, x = rng.integers(2, size // 2 - s, 2)
+            img[y : y + s, x : x + s] = 0.95
+        if "Disc" in present:
+            cy, cx = rng.integers(size // 2 + s // 2, size - s // 2 - 2, 2)
+            yy, xx = np.ogrid[:size, :size]
+            img[(yy - cy) ** 2 + (xx - cx) ** 2 <= (s // 2) ** 2] = 0.9
+        if "Bar" in present:
+            y = int(rng.integers(2, size - 6))
+            img[y : y + 4, 4 : size - 4] = 0.02
+        Image.fromarray((img * 255).astype(np.uint8)).save(root / f"img{i:03d}.png")
+        cells = {f: "1" if f in present else "0" for f in FINDINGS}
+        if i % 17 == 5:
+            cells["Bar"] = ""  # unknown
+        if i % 23 == 7:
+            cells["Disc"] = "-1"  # uncertain, as in CheXpert
+        rows.append(
+            {
+                "path": f"img{i:03d}.png",
+                "patient_id": f"p{i // 2:03d}",
+                "finding_labels": "|".join(f for f in FINDINGS if f in present) or "No Finding",
+                **cells,
+            }
+        )
+    path = root / "labels.csv"
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
+def multilabel_overrides(labels: Path) -> list[str]:
+    """``configs/smoke.yaml`` overrides for a tiny multi-label run on ``labels``."""
+    return [
+        f"data.labels={labels}",
+        "data.task=multilabel",
+        f"data.label_columns=[{', '.join(FINDINGS)}]",
+        "data.limit=null",
+        "data.age_range=null",
+        "model.name=resnet50_test",
+        "augment.enabled=false",
+        "cv.calibration_holdout=0.25",
+        "train.stages=[{epochs: 2, train: all, lr: 3.0e-3}]",
+    ]
+
+
+@pytest.fixture(scope="session")
+def tiny_multilabel_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A complete multi-label bundle (2 folds, per-finding calibration and thresholds) of a tiny
+    ResNet on the synthetic findings set, trained in seconds."""
+    from xraycls.training.config import load_config
+    from xraycls.training.crossval import run_training
+
+    labels = write_findings_dataset(tmp_path_factory.mktemp("findings"))
+    cfg = load_config(
+        REPO / "configs" / "smoke.yaml", [*multilabel_overrides(labels), "train.pos_weight=auto"]
+    )
+    out = tmp_path_factory.mktemp("tiny_multilabel_run")
+    run_training(cfg, out, log=lambda m: None)
+    return out

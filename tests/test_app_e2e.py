@@ -160,3 +160,79 @@ def test_upload_dicom_shows_prediction_and_overlay(
         f"\nupload -> overlay shown: {seconds:.2f} s ({dicom.name}); screenshot {tmp_path}/app.png"
     )
     assert seconds < 60
+
+
+@pytest.fixture(scope="module")
+def multilabel_server(
+    browser: Any, request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    """``xraycls app`` serving the session's tiny multi-label bundle (synthetic findings)."""
+    run: Path = request.getfixturevalue("tiny_multilabel_run")
+    root = tmp_path_factory.mktemp("e2e_ml")
+    (root / "runs").mkdir()
+    (root / "runs" / "findings").symlink_to(run)
+    port = free_port()
+    env = dict(os.environ, XRAYCLS_SALT="e2e-salt")
+    with (root / "server.log").open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "xraycls.cli", "app", "--runs", str(root / "runs"),
+             "--port", str(port), "--device", "cpu"],
+            stdout=log, stderr=subprocess.STDOUT, env=env,
+        )  # fmt: skip
+        url = f"http://127.0.0.1:{port}"
+        try:
+            wait_healthy(url, proc)
+            yield url
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def test_multilabel_upload_shows_ranked_findings_and_a_cam_per_finding(
+    browser: Any, multilabel_server: str, tiny_multilabel_run: Path, tmp_path: Path
+) -> None:
+    from xraycls.training.config import load_config
+
+    images = Path(load_config(tiny_multilabel_run / "config.yaml").data.labels).parent
+    page = browser.new_page(viewport={"width": 1600, "height": 1400})
+    page.goto(multilabel_server)
+    page.get_by_text("Research use only").first.wait_for(timeout=120_000)
+    uploader = page.locator('input[type="file"]').first
+    uploader.wait_for(state="attached", timeout=120_000)
+    uploader.set_input_files(str(images / "img003.png"))
+    page.get_by_text("Findings, most probable first").first.wait_for(timeout=120_000)
+    page.get_by_text("Grad-CAM overlay").first.wait_for(timeout=120_000)
+    page.wait_for_function(IMAGES_LOADED, arg=2, timeout=60_000)
+
+    table = page.locator('[data-testid="stTable"] table').first
+    header = [c.strip() for c in table.locator("thead th").all_inner_texts() if c.strip()]
+    assert "Finding" in header and "P(finding), calibrated" in header, header
+    body = table.locator("tbody tr")
+    assert body.count() == 3
+    col = header.index("P(finding), calibrated")
+    probs, names = [], []
+    for i in range(3):
+        cells = [c.strip() for c in body.nth(i).locator("td").all_inner_texts()]
+        cells = cells[-len(header) :]  # an index column, when shown, comes first
+        names.append(cells[header.index("Finding")])
+        probs.append(float(cells[col]))
+    assert sorted(names) == ["Bar", "Disc", "Square"]
+    assert probs == sorted(probs, reverse=True)
+    assert page.get_by_text(f"target {names[0]}").count() >= 1
+
+    # A CAM per selected finding: pick the least probable one in the sidebar.
+    target = page.locator('[data-testid="stSidebar"] [data-testid="stSelectbox"]').filter(
+        has_text="Target finding"
+    )
+    target.click()
+    page.get_by_role("option", name=names[-1], exact=True).click()
+    page.get_by_text(f"Grad-CAM overlay — gradcam, target {names[-1]}").first.wait_for(
+        timeout=120_000
+    )
+    text = page.inner_text("body")
+    assert "Traceback" not in text and "Research use only. Not a medical device" in text
+    page.screenshot(path=str(tmp_path / "app_findings.png"))

@@ -71,3 +71,24 @@ def test_ray_engine_matches_local_engine_and_resumes_a_local_run(
     rows = _read(out)
     assert [r["path"] for r in rows] == [r["path"] for r in a]
     assert score(src, out, run=tiny_run, engine="ray").skipped == 10  # nothing left: no Ray job
+
+
+def test_ray_engine_writes_the_multilabel_schema_of_the_local_engine(
+    tmp_path: Path, tiny_multilabel_run: Path, local_ray: None
+) -> None:
+    from conftest import FINDINGS, write_findings_dataset
+
+    src = tmp_path / "src"
+    write_findings_dataset(src, n=6, seed=4)
+    (src / "labels.csv").unlink()
+    local = score(src, tmp_path / "local.csv", run=tiny_multilabel_run, workers=0, batch_size=4)
+    remote = score(src, tmp_path / "ray.csv", run=tiny_multilabel_run, engine="ray", batch_size=4)
+    assert local.ok == remote.ok == 6
+    a, b = _read(tmp_path / "local.csv"), _read(tmp_path / "ray.csv")
+    assert list(a[0]) == list(b[0])  # the same columns, in the same order
+    assert [f"dec_{f}" for f in FINDINGS] == [c for c in b[0] if c.startswith("dec_")]
+    for x, y in zip(a, b, strict=True):
+        assert x["predicted"] == y["predicted"]
+        for f in FINDINGS:
+            assert x[f"dec_{f}"] == y[f"dec_{f}"] in ("0", "1")
+            assert float(x[f"prob_{f}"]) == pytest.approx(float(y[f"prob_{f}"]), abs=1e-5)

@@ -170,6 +170,71 @@ def fit_configuration(
     }
 
 
+def fit_multilabel_configuration(
+    pred: ServedPredictions,
+    configuration: str,
+    *,
+    method: MethodChoice = "auto",
+    threshold_target: ThresholdTarget = "sensitivity",
+    threshold_value: float | None = 0.95,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """:func:`fit_configuration` for findings: each finding is its own binary problem (its
+    sigmoid logit ``z`` is the margin of the two logits ``[0, z]``), calibrated (temperature
+    or Platt, chosen by cross-fitted NLL), given an operating threshold and validated by
+    cross-fitting on the images whose label for it is known.
+
+    Raises:
+        BundleError: A finding has fewer than 2 positive (or negative) patients in the data,
+            so it cannot be cross-fitted; the message names it.
+    """
+    findings: dict[str, dict[str, Any]] = {}
+    z_all, y_all = pred.logits[configuration], np.asarray(pred.labels, np.float64)
+    for j, f in enumerate(pred.classes):
+        known = ~np.isnan(y_all[:, j])
+        z = z_all[known, j]
+        sub = ServedPredictions(
+            paths=[p for p, k in zip(pred.paths, known, strict=True) if k],
+            groups=pred.groups[known],
+            labels=y_all[known, j].astype(np.int64),
+            classes=[f"not {f}", f],
+            logits={configuration: np.column_stack([np.zeros_like(z), z])},
+            source=pred.source,
+        )
+        try:
+            findings[f] = fit_configuration(
+                sub,
+                configuration,
+                method=method,
+                threshold_target=threshold_target,
+                threshold_value=threshold_value,
+                n_boot=n_boot,
+                seed=seed,
+            )
+        except BundleError as e:
+            raise BundleError(f"finding {f!r}: {e}") from e
+    macro = {
+        k: float(np.nanmean([e["validation"][k]["value"] for e in findings.values()]))
+        for k in ("auroc", "ece", "ece_uncalibrated", "brier")
+    }
+    methods = sorted({e["method"] for e in findings.values()})
+    return {
+        "configuration": configuration,
+        "task": "multilabel",
+        "method": "per finding: " + ", ".join(methods),
+        "findings": findings,
+        "threshold": None,
+        "data": {
+            "source": pred.source,
+            "n_images": len(y_all),
+            "n_patients": len(np.unique(pred.groups)),
+            "positives": {f: int(np.nansum(y_all[:, j])) for j, f in enumerate(pred.classes)},
+        },
+        "validation": {"macro": macro},
+    }
+
+
 def calibrate_run(
     run_dir: str | Path,
     *,
@@ -197,8 +262,9 @@ def calibrate_run(
             "`xraycls calibrate RUN --on LABELS.csv --name SITE`"
         )
     pred = read_served(path, list(bundle.classes))
+    fit = fit_multilabel_configuration if bundle.multilabel else fit_configuration
     entries = {
-        k: fit_configuration(
+        k: fit(
             pred,
             k,
             method=method,
@@ -221,6 +287,14 @@ def served_line(configuration: str, entry: dict[str, Any]) -> str:
     """One line for a log: a configuration's calibration and its cross-fitted validation."""
     v = entry["validation"]
     name = {"folds": "fold ensemble", "refit": "refit model"}.get(configuration, configuration)
+    if entry.get("task") == "multilabel":
+        m = v["macro"]
+        return (
+            f"served {name} on {entry['data']['n_images']} {entry['data']['source']} images: "
+            f"macro AUROC {m['auroc']:.3f} over {len(entry['findings'])} findings; calibration "
+            f"{entry['method']}, macro ECE {m['ece_uncalibrated']:.3f} -> {m['ece']:.3f} "
+            "(cross-fitted); one operating threshold per finding"
+        )
     line = (
         f"served {name} on {entry['data']['n_images']} {entry['data']['source']} images: AUROC "
         f"{_fmt(v['auroc'])}; {entry['method']} calibration, ECE {v['ece_uncalibrated']['value']:.3f}"
@@ -265,9 +339,10 @@ def site_calibration_path(bundle: Bundle, name: str) -> Path:
 
 def load_configuration(
     bundle: Bundle, members: str, *, calibration: str | None = None
-) -> tuple[Calibrator | None, float | None, dict[str, Any] | None]:
+) -> tuple[Calibrator | FindingCalibration | None, float | None, dict[str, Any] | None]:
     """The calibrator, threshold and stored entry of a configuration (None, None, None when the
-    bundle (or the named calibration) does not calibrate that configuration).
+    bundle (or the named calibration) does not calibrate that configuration). A multi-label
+    configuration gives a :class:`FindingCalibration` (its thresholds inside) and no threshold.
 
     Raises:
         BundleError: A named calibration does not exist or is of an older format.
@@ -281,8 +356,56 @@ def load_configuration(
                 f"{members!r} configuration (it has: {', '.join((data or {}).get('configurations', {}))})"
             )
         return None, None, None
+    if entry.get("task") == "multilabel":
+        cal = FindingCalibration.from_entry(entry, list(bundle.classes))
+        return cal, None, entry
     threshold = (entry.get("threshold") or {}).get("threshold")
     return calibrator_from_dict(entry["calibrator"]), threshold, entry
+
+
+class FindingCalibration:
+    """The calibrators and operating thresholds of a multi-label configuration, one per
+    finding (:func:`fit_multilabel_configuration`)."""
+
+    def __init__(
+        self, findings: list[str], calibrators: list[Calibrator], thresholds: np.ndarray
+    ) -> None:
+        self.findings, self.calibrators, self.thresholds = findings, calibrators, thresholds
+
+    @classmethod
+    def from_entry(cls, entry: dict[str, Any], findings: list[str]) -> FindingCalibration:
+        """From a stored multi-label configuration entry.
+
+        Raises:
+            BundleError: A finding of the bundle has no calibration in the entry.
+        """
+        stored = entry.get("findings") or {}
+        missing = [f for f in findings if f not in stored]
+        if missing:
+            raise BundleError(f"multi-label calibration lacks findings {missing}")
+        return cls(
+            findings,
+            [calibrator_from_dict(stored[f]["calibrator"]) for f in findings],
+            np.array(
+                [(stored[f].get("threshold") or {}).get("threshold", np.nan) for f in findings],
+                dtype=np.float64,
+            ),
+        )
+
+    @property
+    def method(self) -> str:
+        """E.g. ``per finding: platt, temperature``."""
+        return "per finding: " + ", ".join(sorted({c.method for c in self.calibrators}))
+
+    def predict_proba(self, logits: np.ndarray) -> np.ndarray:
+        """N x K calibrated probabilities of N x K sigmoid logits."""
+        z = np.atleast_2d(np.asarray(logits, dtype=np.float64))
+        return np.column_stack(
+            [
+                c.predict_proba(np.column_stack([np.zeros(len(z)), z[:, j]]))[:, 1]
+                for j, c in enumerate(self.calibrators)
+            ]
+        )
 
 
 # --------------------------------------------------------------------------- cross-fitting
@@ -393,6 +516,13 @@ def _specificity(d: np.ndarray, y: np.ndarray) -> float:
 def _summary(entry: dict[str, Any]) -> dict[str, Any]:
     """The headline of a configuration's calibration, for ``metrics.json``."""
     v = entry["validation"]
+    if entry.get("task") == "multilabel":
+        return {
+            "method": entry["method"],
+            "data": entry["data"],
+            "macro": v["macro"],
+            "findings": {f: _summary(e) for f, e in entry["findings"].items()},
+        }
     out = {
         "method": entry["method"],
         "data": entry["data"],

@@ -53,7 +53,10 @@ def write_model_card(run_dir: str | Path, *, n_boot: int = 1000) -> Path:
     oof = bundle.oof()
     if oof.floor is None:
         raise BundleError(f"{bundle.path / OOF_FILE}: no floor_prob_* columns")
-    cv_lines, intervals = _cross_validation(bundle, metrics, oof, n_boot)
+    if bundle.multilabel:
+        cv_lines, intervals = _cross_validation_findings(metrics)
+    else:
+        cv_lines, intervals = _cross_validation(bundle, metrics, oof, n_boot)
     lines = [
         f"# Model card: {bundle.model} ({bundle.path.name})",
         "",
@@ -119,7 +122,12 @@ def _model(bundle: Bundle) -> list[str]:
             if bundle.refit_weights
             else "."
         ),
-        f"- Classes: {counts}.",
+        (
+            f"- Multi-label: {len(bundle.classes)} findings, one sigmoid each (any number may be "
+            f"present): {counts}."
+            if bundle.multilabel
+            else f"- Classes: {counts}."
+        ),
         "",
     ]
 
@@ -175,6 +183,43 @@ def _cross_validation(
     return lines, intervals
 
 
+def _cross_validation_findings(metrics: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
+    """The multi-label cross-validation table, per finding, from ``metrics.json``."""
+    pooled, floor = metrics["pooled_oof"], metrics["floor_logreg_32px"]
+    lo, hi = pooled.get("auroc_ci", [float("nan")] * 2)
+    intervals = {"pooled_oof_ci": {"auroc": {"value": pooled["auroc"], "low": lo, "high": hi}}}
+    lines = [
+        "## Cross-validation (fold models, out of fold)",
+        "",
+        f"{len(metrics.get('folds', []))}-fold patient-grouped cross-validation, stratified by "
+        "finding (iterative stratification over patients), on the development data. Each image "
+        "is scored by the fold model that did not train on it (uncalibrated sigmoid); labels "
+        f"marked unknown are left out of a finding's numbers (policy `{metrics.get('uncertain')}`)."
+        " The floor is one logistic regression per finding on 32x32 pixels, same folds. 95% "
+        "intervals: patient-level bootstrap; model vs floor: paired DeLong (image level).",
+        "",
+        f"Macro AUROC {_num(pooled['auroc'])} [{_num(lo)}, {_num(hi)}] (floor "
+        f"{_num(floor['auroc'])}); micro AUROC {_num(pooled['auroc_micro'])} (floor "
+        f"{_num(floor['auroc_micro'])}); macro AUPRC {_num(pooled['auprc'])} (floor "
+        f"{_num(floor['auprc'])}); macro ECE {_num(pooled['ece'])}.",
+        "",
+        "| finding | positives / known | AUROC [95% CI] | floor AUROC | model - floor (p) | "
+        "AUPRC | floor AUPRC | ECE |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for f, m in pooled["per_finding"].items():
+        fl = floor["per_finding"][f]
+        ci = m.get("auroc_ci", [float("nan")] * 2)
+        vs = m.get("vs_floor", {})
+        lines.append(
+            f"| {f} | {int(m['positives'])} / {int(m['n'])} | {_num(m['auroc'])} "
+            f"[{_num(ci[0])}, {_num(ci[1])}] | {_num(fl['auroc'])} | "
+            f"{_num(vs.get('diff'))} ({_num(vs.get('p_value'), 3)}) | {_num(m['auprc'])} | "
+            f"{_num(fl['auprc'])} | {_num(m['ece'])} |"
+        )
+    return [*lines, ""], intervals
+
+
 def _served(bundle: Bundle) -> list[str]:
     data = bundle.calibration() if bundle.file("calibration.json").exists() else None
     if not data:
@@ -194,6 +239,8 @@ def _served(bundle: Bundle) -> list[str]:
 
 def configuration_section(name: str, entry: dict[str, Any], *, default: bool) -> list[str]:
     """The card's section for one calibrated configuration (bundle or site calibration)."""
+    if entry.get("task") == "multilabel":
+        return findings_section(name, entry, default=default)
     v, d = entry["validation"], entry["data"]
     title = _NAMES.get(name, name) + (" (served by default)" if default else "")
     sel = ", ".join(f"{m} {s:.4f}" for m, s in entry["selection"]["candidates"].items())
@@ -231,6 +278,46 @@ def configuration_section(name: str, entry: dict[str, Any], *, default: bool) ->
             "",
         ]
     return lines
+
+
+def findings_section(name: str, entry: dict[str, Any], *, default: bool) -> list[str]:
+    """A multi-label configuration: per finding, its calibrator, operating threshold and their
+    cross-fitted validation on the calibration data."""
+    d, macro = entry["data"], entry["validation"]["macro"]
+    title = _NAMES.get(name, name) + (" (served by default)" if default else "")
+    first = next(iter(entry["findings"].values()))
+    lines = [
+        f"### {title}",
+        "",
+        f"Calibration data: {d['n_images']} images of {d['n_patients']} patients "
+        f"({d['source']}). Each finding is calibrated on its own sigmoid (temperature or Platt, "
+        "chosen by cross-fitted NLL) and given its own operating threshold; "
+        f"validation: {first['validation']['protocol']}.",
+        "",
+        f"Macro over findings: AUROC {_num(macro['auroc'])}, ECE {_num(macro['ece_uncalibrated'])}"
+        f" uncalibrated -> {_num(macro['ece'])} calibrated, Brier {_num(macro['brier'])}.",
+        "",
+        "| finding | positives | AUROC | calibrator | P(finding) ECE | threshold | sensitivity "
+        "| specificity |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for f, e in entry["findings"].items():
+        v, t = e["validation"], e.get("threshold") or {}
+        at = v.get("at_threshold") or {}
+        lines.append(
+            f"| {f} | {e['data']['class_counts'].get(f, '?')} | {_ci(v['auroc'])} | "
+            f"{e['method']} | {_ci(v['per_class'][f]['ece'])} | {_num(t.get('threshold'), 4)} | "
+            f"{_ci(at.get('sensitivity'))} | {_ci(at.get('specificity'))} |"
+        )
+    t = first.get("threshold") or {}
+    if t:
+        target = "Youden" if t["target"] == "youden" else f"{t['value']:.0%} {t['target']}"
+        lines += [
+            "",
+            f"Thresholds target {target} per finding; sensitivity and specificity are "
+            "cross-fitted (each part thresholded by a threshold chosen on the others).",
+        ]
+    return [*lines, ""]
 
 
 def _site_calibrations(bundle: Bundle) -> list[str]:

@@ -56,6 +56,7 @@ CARD_FILE = "MODEL_CARD.md"
 REFIT_WEIGHTS = "weights.safetensors"
 
 Members = Literal["auto", "refit", "folds"]
+Task = Literal["multiclass", "multilabel"]
 Configuration = Literal["folds", "refit"]
 
 
@@ -80,6 +81,14 @@ class Bundle:
     format: int = FORMAT
     age_range: tuple[float, float] | None = None
     """The training population's ages in years, when the training data documents them."""
+    task: Task = "multiclass"
+    """``multiclass`` (one softmax over ``classes``) or ``multilabel`` (``classes`` are
+    findings, one sigmoid each, any number present)."""
+
+    @property
+    def multilabel(self) -> bool:
+        """Whether the bundle predicts findings (one sigmoid each) rather than one class."""
+        return self.task == "multilabel"
 
     @classmethod
     def read(cls, run_dir: str | Path) -> Bundle:
@@ -117,17 +126,20 @@ class Bundle:
                 age_range=tuple(ages)
                 if (ages := (meta.get("population") or {}).get("age_years"))
                 else None,
+                task=labels.get("task", "multiclass"),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise BundleError(f"{run}: {BUNDLE_FILE} or {LABELS_FILE} is incomplete ({e})") from e
-        if len(classes) < 2:
+        if bundle.task not in ("multiclass", "multilabel"):
+            raise BundleError(f"{run / LABELS_FILE}: unknown task {bundle.task!r}")
+        if len(classes) < (1 if bundle.multilabel else 2):
             raise BundleError(f"{run / LABELS_FILE}: needs at least two classes, has {classes}")
         return bundle
 
     @property
     def positive(self) -> str | None:
         """The positive class of a binary task (the last class), else None."""
-        return self.classes[-1] if len(self.classes) == 2 else None
+        return self.classes[-1] if len(self.classes) == 2 and not self.multilabel else None
 
     def weights(self, members: Members = "auto") -> list[Path]:
         """The weight files of a configuration: the refit model, the fold ensemble, or ``auto``
@@ -291,9 +303,11 @@ def read_oof(run_dir: str | Path, classes: tuple[str, ...] | list[str] | None = 
         BundleError: A file is missing or lacks the logit columns.
     """
     run_dir = Path(run_dir)
+    labels_meta = _json(run_dir / LABELS_FILE, missing_ok=True)
     if classes is None:
-        classes = _json(run_dir / LABELS_FILE).get("classes") or []
+        classes = labels_meta.get("classes") or []
     classes = list(classes)
+    multilabel = labels_meta.get("task") == "multilabel"
     try:
         with (run_dir / OOF_FILE).open(newline="") as f:
             rows = list(csv.DictReader(f))
@@ -307,7 +321,9 @@ def read_oof(run_dir: str | Path, classes: tuple[str, ...] | list[str] | None = 
         return OutOfFold(
             paths=[r["path"] for r in rows],
             groups=np.array([r["patient_id"] for r in rows]),
-            labels=np.array([index[r["label"]] for r in rows], dtype=np.int64),
+            labels=read_finding_labels(rows, classes)
+            if multilabel
+            else np.array([index[r["label"]] for r in rows], dtype=np.int64),
             folds=np.array([int(r["fold"]) for r in rows], dtype=np.int64),
             logits=np.array(
                 [[float(r[f"logit_{c}"]) for c in classes] for r in rows], dtype=np.float64
@@ -329,8 +345,10 @@ def write_oof(
     """Write ``oof_predictions.csv``: identity, label, fold, then probabilities, logits and the
     floor's probabilities per class."""
     classes = oof.classes
+    multilabel = oof.labels.ndim == 2
     cols = (
         ["path", "patient_id", "label", "fold"]
+        + ([f"label_{c}" for c in classes] if multilabel else [])
         + [f"prob_{c}" for c in classes]
         + [f"logit_{c}" for c in classes]
         + ([f"floor_prob_{c}" for c in classes] if oof.floor is not None else [])
@@ -340,9 +358,11 @@ def write_oof(
         row: dict[str, Any] = {
             "path": p,
             "patient_id": oof.groups[i],
-            "label": classes[oof.labels[i]],
+            "label": _label_text(oof.labels[i], classes),
             "fold": int(oof.folds[i]),
         }
+        if multilabel:
+            row |= finding_label_cells(oof.labels[i], classes)
         for j, c in enumerate(classes):
             row[f"prob_{c}"] = f"{probs[i, j]:.6f}"
             row[f"logit_{c}"] = f"{oof.logits[i, j]:.6f}"
@@ -370,16 +390,21 @@ def write_served(path: Path, pred: ServedPredictions) -> None:
     """Write served predictions (``holdout_predictions.csv`` or a site's): identity, label, then
     ``logit_<configuration>_<class>`` columns."""
     configs = sorted(pred.logits)
-    cols = ["path", "patient_id", "label"] + [
-        f"logit_{k}_{c}" for k in configs for c in pred.classes
-    ]
+    multilabel = pred.labels.ndim == 2
+    cols = (
+        ["path", "patient_id", "label"]
+        + ([f"label_{c}" for c in pred.classes] if multilabel else [])
+        + [f"logit_{k}_{c}" for k in configs for c in pred.classes]
+    )
     rows = []
     for i, p in enumerate(pred.paths):
         row: dict[str, Any] = {
             "path": p,
             "patient_id": pred.groups[i],
-            "label": pred.classes[pred.labels[i]],
+            "label": _label_text(pred.labels[i], pred.classes),
         }
+        if multilabel:
+            row |= finding_label_cells(pred.labels[i], pred.classes)
         for k in configs:
             for j, c in enumerate(pred.classes):
                 row[f"logit_{k}_{c}"] = f"{pred.logits[k][i, j]:.6f}"
@@ -402,11 +427,14 @@ def read_served(path: Path, classes: list[str], *, source: str = "holdout") -> S
         raise BundleError(f"{path}: no rows")
     configs = sorted({k.split("_")[1] for k in rows[0] if k.startswith("logit_")})
     index = {c: i for i, c in enumerate(classes)}
+    multilabel = f"label_{classes[0]}" in rows[0]
     try:
         return ServedPredictions(
             paths=[r["path"] for r in rows],
             groups=np.array([r["patient_id"] for r in rows]),
-            labels=np.array([index[r["label"]] for r in rows], dtype=np.int64),
+            labels=read_finding_labels(rows, classes)
+            if multilabel
+            else np.array([index[r["label"]] for r in rows], dtype=np.int64),
             classes=list(classes),
             logits={
                 k: np.array([[float(r[f"logit_{k}_{c}"]) for c in classes] for r in rows])
@@ -430,18 +458,19 @@ def write_bundle_meta(
     folds: int,
     refit: bool,
     age_range: tuple[float, float] | None = None,
+    task: Task = "multiclass",
 ) -> None:
     """Write ``labels.json`` and ``bundle.json``."""
     from xraycls import __version__
 
-    write_json_atomic(
-        run_dir / LABELS_FILE,
-        {
-            "classes": classes,
-            "label_column": label_column,
-            "positive": classes[-1] if len(classes) == 2 else None,
-        },
-    )
+    labels: dict[str, Any] = {
+        "classes": classes,
+        "label_column": label_column,
+        "positive": classes[-1] if len(classes) == 2 and task == "multiclass" else None,
+    }
+    if task == "multilabel":  # multi-class bundles keep the exact labels.json they had
+        labels["task"] = task
+    write_json_atomic(run_dir / LABELS_FILE, labels)
     write_json_atomic(
         run_dir / BUNDLE_FILE,
         {
@@ -457,6 +486,32 @@ def write_bundle_meta(
             "population": {"age_years": list(age_range) if age_range else None},
         },
     )
+
+
+def _label_text(label: np.ndarray | np.integer, classes: list[str]) -> str:
+    """A row's label as text: the class, or the present findings joined by ``|``."""
+    if np.ndim(label) == 0:
+        return classes[int(label)]
+    return "|".join(c for c, v in zip(classes, label, strict=True) if v == 1)
+
+
+def finding_label_cells(label: np.ndarray, classes: list[str]) -> dict[str, str]:
+    """``label_<finding>`` cells: ``1``, ``0``, or blank when unknown."""
+    return {
+        f"label_{c}": "" if np.isnan(v) else str(int(v))
+        for c, v in zip(classes, label, strict=True)
+    }
+
+
+def read_finding_labels(rows: list[dict[str, str]], classes: list[str]) -> np.ndarray:
+    """N x K float labels from ``label_<finding>`` cells (blank -> NaN)."""
+    return np.array(
+        [
+            [float(r[f"label_{c}"]) if r[f"label_{c}"] != "" else np.nan for c in classes]
+            for r in rows
+        ],
+        dtype=np.float64,
+    ).reshape(len(rows), len(classes))
 
 
 def find_bundles(root: str | Path, *, max_depth: int = 4) -> list[Path]:

@@ -20,7 +20,14 @@ from xraycls.bundle.format import (
     Members,
     read_oof,
 )
-from xraycls.evaluation.metrics import auroc, bootstrap_ci, softmax
+from xraycls.evaluation.metrics import (
+    auroc,
+    bootstrap_ci,
+    macro_auroc,
+    multilabel_bootstrap_ci,
+    sigmoid,
+    softmax,
+)
 from xraycls.io.ood import IntensityReference, reference_from_files
 from xraycls.io.preprocess import Preprocessing
 
@@ -64,6 +71,38 @@ def threshold_info(entry: dict[str, Any] | None) -> ThresholdInfo | None:
 
 
 @dataclass(frozen=True)
+class FindingSummary:
+    """One finding of a multi-label served configuration: its calibrator, operating threshold
+    and their cross-fitted validation on data no model of the bundle saw."""
+
+    name: str
+    method: str
+    positives: int
+    auroc: dict[str, float]
+    ece: dict[str, float]
+    threshold: float | None
+    sensitivity: dict[str, float] | None
+    specificity: dict[str, float] | None
+
+    @classmethod
+    def from_entry(cls, name: str, entry: dict[str, Any]) -> FindingSummary:
+        """From a finding's entry in a multi-label calibration (``findings.<name>``)."""
+        v = entry["validation"]
+        at = v.get("at_threshold") or {}
+        t = entry.get("threshold") or {}
+        return cls(
+            name=name,
+            method=entry["method"],
+            positives=int(entry["data"]["class_counts"].get(name, 0)),
+            auroc=v["auroc"],
+            ece=v["per_class"][name]["ece"],
+            threshold=_finite(t.get("threshold")),
+            sensitivity=at.get("sensitivity"),
+            specificity=at.get("specificity"),
+        )
+
+
+@dataclass(frozen=True)
 class ServedSummary:
     """One served configuration under one calibration, as validated."""
 
@@ -76,11 +115,28 @@ class ServedSummary:
     ece: dict[str, float]
     ece_uncalibrated: dict[str, float]
     threshold: ThresholdInfo | None
+    findings: dict[str, FindingSummary] = field(default_factory=dict)
+    """Multi-label: each finding's calibration and operating point (empty for one label)."""
 
     @classmethod
     def from_entry(cls, entry: dict[str, Any], calibration_name: str) -> ServedSummary:
         """From a configuration's entry in a calibration file."""
         v = entry["validation"]
+        if entry.get("task") == "multilabel":
+            macro = v["macro"]
+            nan = float("nan")
+            return cls(
+                configuration=entry["configuration"],
+                calibration_name=calibration_name,
+                method=entry["method"],
+                source=entry["data"]["source"],
+                n_images=int(entry["data"]["n_images"]),
+                auroc={"value": macro["auroc"], "low": nan, "high": nan},
+                ece={"value": macro["ece"], "low": nan, "high": nan},
+                ece_uncalibrated={"value": macro["ece_uncalibrated"], "low": nan, "high": nan},
+                threshold=None,
+                findings={f: FindingSummary.from_entry(f, e) for f, e in entry["findings"].items()},
+            )
         return cls(
             configuration=entry["configuration"],
             calibration_name=calibration_name,
@@ -96,6 +152,13 @@ class ServedSummary:
     def text(self) -> str:
         """One paragraph: discrimination, calibration and operating point, with intervals."""
         name = CONFIGURATION_NAMES.get(self.configuration, self.configuration)
+        if self.findings:
+            return (
+                f"{name} on {self.n_images} {self.source} images no model of it saw: macro AUROC "
+                f"{ci_text(self.auroc)} over {len(self.findings)} findings; calibration "
+                f"{self.method}, macro ECE {self.ece_uncalibrated['value']:.3f} -> "
+                f"{ci_text(self.ece)} (cross-fitted); one operating threshold per finding"
+            )
         out = (
             f"{name} on {self.n_images} {self.source} images no model of it saw: AUROC "
             f"{ci_text(self.auroc)}; {self.method} calibration, ECE "
@@ -132,6 +195,8 @@ class RunSummary:
     site_calibrations: tuple[str, ...] = ()
     fold_members: int = 0
     has_refit: bool = False
+    multilabel: bool = False
+    """The classes are findings (one sigmoid each, any number present)."""
 
     def label(self) -> str:
         """One line for a model picker: ``name (backbone, 224 px, AUROC 0.95)``."""
@@ -211,6 +276,7 @@ def summarize_run(run_dir: str | Path) -> RunSummary:
         site_calibrations=tuple(bundle.site_calibrations()),
         fold_members=sum(1 for f in bundle.fold_weights if f.is_file()),
         has_refit=bool(bundle.refit_weights and bundle.refit_weights.is_file()),
+        multilabel=bundle.multilabel,
     )
 
 
@@ -224,6 +290,11 @@ def _bootstrap_auroc_ci(bundle: Bundle) -> tuple[float, float] | None:
         oof = bundle.oof()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            if bundle.multilabel:
+                _, lo, hi = multilabel_bootstrap_ci(
+                    macro_auroc, sigmoid(oof.logits), oof.labels, groups=oof.groups
+                )
+                return lo, hi
             _, lo, hi = bootstrap_ci(
                 auroc, softmax(oof.logits), oof.labels, groups=oof.groups, n_boot=1000
             )

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from scipy.stats import norm, rankdata
@@ -35,6 +35,14 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     from scipy.special import softmax as _softmax
 
     return _softmax(np.asarray(logits, dtype=np.float64), axis=-1)
+
+
+def sigmoid(logits: np.ndarray) -> np.ndarray:
+    """Independent probabilities of N x K multi-label logits (float64). The project's one
+    sigmoid."""
+    from scipy.special import expit
+
+    return expit(np.asarray(logits, dtype=np.float64))
 
 
 def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
@@ -120,6 +128,114 @@ def classification_metrics(
     )
     out["per_class"] = per_class
     return out
+
+
+def multilabel_metrics(
+    probs: np.ndarray,
+    labels: np.ndarray,
+    findings: list[str],
+    *,
+    thresholds: np.ndarray | None = None,
+) -> dict[str, Any]:
+    """Per-finding and averaged metrics of multi-label probabilities.
+
+    Args:
+        probs: N x K independent probabilities (one sigmoid per finding).
+        labels: N x K 0/1 labels, NaN where unknown: an unknown label is left out of that
+            finding's metrics (and of the micro averages), never counted as absent.
+        findings: Finding names, in column order.
+        thresholds: K decision thresholds (default 0.5 each) for sensitivity/specificity.
+
+    Returns:
+        ``per_finding``: for each finding ``n`` (known labels), ``positives``, ``auroc``,
+        ``auprc`` (average precision), ``ece`` (15 equal-width bins of P(finding)), ``brier``,
+        ``sensitivity``/``specificity`` at its threshold (NaN where undefined). Then
+        ``auroc`` and ``auprc`` (macro: the mean over findings where defined),
+        ``auroc_micro``/``auprc_micro`` (all known finding labels pooled), ``ece`` and
+        ``brier`` (macro), ``n`` (images) and ``n_findings_defined``.
+    """
+    from sklearn.metrics import average_precision_score
+
+    p = np.asarray(probs, dtype=np.float64)
+    y = np.asarray(labels, dtype=np.float64)
+    if p.shape != y.shape or p.ndim != 2 or p.shape[1] != len(findings):
+        raise ValueError(
+            f"need N x {len(findings)} probabilities and labels, got {p.shape}, {y.shape}"
+        )
+    t = np.full(len(findings), 0.5) if thresholds is None else np.asarray(thresholds, np.float64)
+    per: dict[str, dict[str, float]] = {}
+    for j, name in enumerate(findings):
+        known = ~np.isnan(y[:, j])
+        pj, yj = p[known, j], y[known, j]
+        both = len(np.unique(yj)) == 2
+        dec = pj >= t[j]
+        per[name] = {
+            "n": float(known.sum()),
+            "positives": float(yj.sum()),
+            "auroc": _binary_auroc(yj, pj) if both else math.nan,
+            "auprc": float(average_precision_score(yj, pj)) if both else math.nan,
+            "ece": event_ece(pj, yj) if len(yj) else math.nan,
+            "brier": float(np.mean((pj - yj) ** 2)) if len(yj) else math.nan,
+            "sensitivity": _ratio(np.sum(dec & (yj == 1)), np.sum(yj == 1)),
+            "specificity": _ratio(np.sum(~dec & (yj == 0)), np.sum(yj == 0)),
+        }
+    known = ~np.isnan(y)
+    flat_p, flat_y = p[known], y[known]
+    both = len(np.unique(flat_y)) == 2
+
+    def macro(key: str) -> float:
+        values = [v[key] for v in per.values() if not math.isnan(v[key])]
+        return float(np.mean(values)) if values else math.nan
+
+    return {
+        "n": float(len(y)),
+        "auroc": macro("auroc"),
+        "auroc_micro": _binary_auroc(flat_y, flat_p) if both else math.nan,
+        "auprc": macro("auprc"),
+        "auprc_micro": float(average_precision_score(flat_y, flat_p)) if both else math.nan,
+        "ece": macro("ece"),
+        "brier": macro("brier"),
+        "sensitivity": macro("sensitivity"),
+        "specificity": macro("specificity"),
+        "n_findings_defined": float(sum(not math.isnan(v["auroc"]) for v in per.values())),
+        "per_finding": per,
+    }
+
+
+def macro_auroc(probs: np.ndarray, labels: np.ndarray) -> float:
+    """The mean over findings of each finding's AUROC on its known labels (N x K, NaN unknown);
+    NaN when no finding has both outcomes."""
+    p, y = np.asarray(probs, np.float64), np.asarray(labels, np.float64)
+    values = []
+    for j in range(p.shape[1]):
+        known = ~np.isnan(y[:, j])
+        if len(np.unique(y[known, j])) == 2:
+            values.append(_binary_auroc(y[known, j], p[known, j]))
+    return float(np.mean(values)) if values else math.nan
+
+
+def multilabel_bootstrap_ci(
+    metric: Callable[[np.ndarray, np.ndarray], float],
+    probs: np.ndarray,
+    labels: np.ndarray,
+    *,
+    groups: np.ndarray | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> tuple[float, float, float]:
+    """:func:`bootstrap_ci` of a metric of N x K probabilities and N x K labels (NaN unknown),
+    e.g. :func:`macro_auroc`: patients are resampled whole, within strata of "any finding"."""
+    p, y = np.asarray(probs, np.float64), np.asarray(labels, np.float64)
+    k = p.shape[1]
+    strata = (np.nan_to_num(y, nan=0.0).sum(1) > 0).astype(np.int64)
+    return bootstrap_ci(
+        lambda pack, _: metric(pack[:, :k], pack[:, k:]),
+        np.hstack([p, y]),
+        strata,
+        groups=groups,
+        n_boot=n_boot,
+        seed=seed,
+    )
 
 
 def brier(probs: np.ndarray, labels: np.ndarray) -> float:

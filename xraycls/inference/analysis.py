@@ -21,7 +21,7 @@ from xraycls.io.preprocess import Letterbox, prepare
 from xraycls.io.read import load_image
 
 if TYPE_CHECKING:
-    from xraycls.bundle.summary import ThresholdInfo
+    from xraycls.bundle.summary import ServedSummary, ThresholdInfo
     from xraycls.inference.cam import CamResult
     from xraycls.inference.predictor import Prediction, Predictor
 
@@ -158,7 +158,27 @@ def failure_from(error: ImageReadError, name: str) -> UploadFailure:
 def decision_text(
     prediction: Prediction, classes: Sequence[str], threshold: ThresholdInfo | None
 ) -> str:
-    """The decision with its reason, e.g. ``PNEUMONIA — above the 95%-sensitivity threshold``."""
+    """The decision with its reason, e.g. ``PNEUMONIA — above the 95%-sensitivity threshold``.
+
+    Multi-label: the findings at or above their own thresholds, e.g. ``Effusion, Edema — at or
+    above their operating thresholds (2 of 14 findings)``."""
+    if prediction.decisions is not None:
+        present = [c for c, d in zip(classes, prediction.decisions, strict=True) if d]
+        rule = (
+            "operating thresholds"
+            if prediction.calibrated
+            else "uncalibrated default of 0.5 (this bundle has no calibration)"
+        )
+        if not present:
+            top = int(np.argmax(prediction.probs))
+            return (
+                f"no finding at or above its {rule} — the most probable is {classes[top]} "
+                f"({float(prediction.probs[top]):.3f})"
+            )
+        return (
+            f"{', '.join(present)} — at or above their {rule} ({len(present)} of "
+            f"{len(classes)} findings)"
+        )
     if threshold is not None and prediction.threshold is not None and len(classes) == 2:
         pos = list(classes).index(threshold.positive) if threshold.positive in classes else 1
         p = float(prediction.probs[pos])
@@ -202,6 +222,50 @@ def uncertainty(prediction: Prediction, classes: Sequence[str]) -> list[ClassUnc
     ]
 
 
+@dataclass(frozen=True)
+class FindingRow:
+    """One line of the viewer's findings table: the served model's calibrated probability and
+    decision for one finding, the ensemble members' spread, and how that finding's operating
+    point did on patients none of the bundle's models saw (cross-fitted, 95% intervals)."""
+
+    name: str
+    probability: float
+    member_min: float
+    member_max: float
+    present: bool
+    threshold: float | None
+    auroc: dict[str, float] | None
+    sensitivity: dict[str, float] | None
+    specificity: dict[str, float] | None
+
+
+def findings_table(
+    prediction: Prediction, classes: Sequence[str], served: ServedSummary | None
+) -> list[FindingRow]:
+    """The findings of a multi-label prediction, most probable first."""
+    if prediction.decisions is None or prediction.thresholds is None:
+        raise ValueError("findings_table needs a multi-label prediction")
+    m = np.atleast_2d(prediction.member_probs)
+    stored = served.findings if served is not None else {}
+    rows = []
+    for i, c in enumerate(classes):
+        f = stored.get(c)
+        rows.append(
+            FindingRow(
+                name=c,
+                probability=float(prediction.probs[i]),
+                member_min=float(m[:, i].min()),
+                member_max=float(m[:, i].max()),
+                present=bool(prediction.decisions[i]),
+                threshold=float(prediction.thresholds[i]) if prediction.calibrated else None,
+                auroc=f.auroc if f else None,
+                sensitivity=f.sensitivity if f else None,
+                specificity=f.specificity if f else None,
+            )
+        )
+    return sorted(rows, key=lambda r: -r.probability)
+
+
 def uncertainty_text(prediction: Prediction, classes: Sequence[str]) -> str:
     """How far to trust the number, honestly: the member spread, and whether members disagree
     about the decision; a single model says that it has no spread to show."""
@@ -211,6 +275,17 @@ def uncertainty_text(prediction: Prediction, classes: Sequence[str]) -> str:
             "The probability is calibrated on patients the model never saw."
             if prediction.calibrated
             else "The probability is uncalibrated (this bundle has no calibration holdout)."
+        )
+    if prediction.decisions is not None and prediction.thresholds is not None:
+        split = [
+            c
+            for i, c in enumerate(classes)
+            if 0 < int(np.sum(m[:, i] >= prediction.thresholds[i])) < m.shape[0]
+        ]
+        return f"{m.shape[0]} fold models; " + (
+            f"they disagree on {', '.join(split)} (some at or above the threshold, some below)."
+            if split
+            else "all agree on every finding's decision."
         )
     if len(classes) == 2 and prediction.threshold is not None:
         above = int(np.sum(m[:, 1] >= prediction.threshold))
@@ -235,11 +310,16 @@ def explain(
     target: str | None = None,
     cam_size: int | None = None,
 ) -> CamResult:
-    """The CAM of one analysed upload for ``target`` (default: the decision), computed on the
-    same model input the prediction used, by every ensemble member together."""
+    """The CAM of one analysed upload for ``target`` (default: the decision; multi-label: the
+    most probable finding), computed on the same model input the prediction used, by every
+    ensemble member together."""
     from xraycls.inference.cam import explain_pixels
 
-    wanted = analysis.prediction.predicted if target is None else target
+    pred = analysis.prediction
+    if target is None and pred.decisions is not None:
+        wanted: str = predictor.classes[int(np.argmax(pred.probs))]
+    else:
+        wanted = pred.predicted if target is None else target
     return explain_pixels(
         predictor, [analysis.model_input], method=method, target=wanted, cam_size=cam_size
     )[0]

@@ -85,6 +85,21 @@ class CenteredLogitTarget:
         return f"CenteredLogitTarget({self.category})"
 
 
+class FindingLogitTarget:
+    """The score a CAM explains for finding ``category`` of a multi-label model: its own logit
+    (each finding has its own sigmoid, so other findings' logits do not enter its probability).
+    """
+
+    def __init__(self, category: int) -> None:
+        self.category = category
+
+    def __call__(self, logits: Tensor) -> Tensor:
+        return logits[..., self.category]
+
+    def __repr__(self) -> str:
+        return f"FindingLogitTarget({self.category})"
+
+
 @dataclass
 class CamResult:
     """One image's heatmap and what it explains."""
@@ -146,6 +161,7 @@ class CamExplainer:
         *,
         method: str = "gradcam",
         device: torch.device | None = None,
+        multilabel: bool = False,
     ) -> None:
         """Set up the CAM for ``models``.
 
@@ -153,6 +169,8 @@ class CamExplainer:
             models: One model or the members of a fold ensemble: the same backbone and classes.
                 They are switched to eval mode (as the library does) and left there.
             method: One of :data:`CAM_METHODS`.
+            multilabel: The models predict findings (one sigmoid each): a target is explained
+                by its own logit (:class:`FindingLogitTarget`), not centred on the others.
             device: Where to run; defaults to, and must match, the models' device (the
                 explainer does not move models that others may be using).
 
@@ -198,11 +216,17 @@ class CamExplainer:
         )
         if method == "scorecam":
             self._cam.batch_size = SCORECAM_BATCH_SIZE
+        self.multilabel = multilabel
 
     @classmethod
     def from_predictor(cls, predictor: Predictor, *, method: str = "gradcam") -> CamExplainer:
         """An explainer of a loaded bundle's members (the fold ensemble or the refit model)."""
-        return cls(predictor.models, method=method, device=predictor.device)
+        return cls(
+            predictor.models,
+            method=method,
+            device=predictor.device,
+            multilabel=getattr(predictor, "multilabel", False),
+        )
 
     def explain(self, batch: Tensor, targets: list[int] | None = None) -> np.ndarray:
         """Heatmaps for a normalised batch.
@@ -233,7 +257,8 @@ class CamExplainer:
             bad = [t for t in targets if not 0 <= int(t) < self.num_classes]
             if bad:
                 raise ValueError(f"targets {bad} out of range for {self.num_classes} classes")
-            wrapped = [CenteredLogitTarget(int(t)) for t in targets]
+            target_cls = FindingLogitTarget if self.multilabel else CenteredLogitTarget
+            wrapped = [target_cls(int(t)) for t in targets]
         heatmaps = self._cam(batch, wrapped)
         return np.clip(heatmaps, 0.0, 1.0).astype(np.float32, copy=False)
 
@@ -294,7 +319,10 @@ def explain_pixels(
     _check_cam_size(predictor.models[0], run_size)
     if not pixels:
         return []
-    if target is None:
+    if target is None and getattr(predictor, "multilabel", False):
+        # Findings: the most probable one (several may be present; pick one with ``target``).
+        indices = [int(np.argmax(p.probs)) for p in predictor.predict(pixels)]
+    elif target is None:
         names = [p.predicted for p in predictor.predict(pixels)]
         indices = [predictor.classes.index(n) for n in names]
     else:

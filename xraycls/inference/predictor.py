@@ -23,11 +23,11 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import torch
 
-from xraycls.bundle.calibration import load_configuration
+from xraycls.bundle.calibration import FindingCalibration, load_configuration
 from xraycls.bundle.format import Bundle, BundleError, Members
 from xraycls.errors import ImageReadError
 from xraycls.evaluation.calibration import Calibrator
-from xraycls.evaluation.metrics import softmax
+from xraycls.evaluation.metrics import sigmoid, softmax
 from xraycls.io.ood import OODCriteria
 from xraycls.io.preprocess import ImageCache, Preprocessing, preprocess_file
 from xraycls.models.runtime import resolve_device
@@ -39,6 +39,9 @@ if TYPE_CHECKING:
 Backend = Literal["torch", "onnx"]
 BACKENDS: tuple[str, ...] = ("torch", "onnx")
 
+NO_FINDING = "No Finding"
+"""A multi-label decision when no finding reaches its threshold."""
+
 
 @dataclass
 class Prediction:
@@ -46,18 +49,35 @@ class Prediction:
 
     probs: np.ndarray
     """The served model's calibrated class probabilities (its raw softmax when the bundle has
-    no calibration for it: see :attr:`Predictor.calibrated`)."""
+    no calibration for it: see :attr:`Predictor.calibrated`). Multi-label: one independent
+    calibrated probability per finding (raw sigmoid when uncalibrated)."""
     raw_probs: np.ndarray
-    """Uncalibrated softmax of the served logits (the fold ensemble's mean logits)."""
+    """Uncalibrated softmax (multi-label: sigmoid) of the served logits (the fold ensemble's
+    mean logits)."""
     member_probs: np.ndarray
     """Each ensemble member's logits through the served calibrator (members x classes). The
     calibrator is fitted on the ensemble, not on each member: the spread shows how much the
     members disagree, not calibrated member probabilities."""
     predicted: str
-    """The decision: the positive class at or above the stored threshold (binary), else argmax."""
+    """The decision: the positive class at or above the stored threshold (binary), else argmax.
+    Multi-label: the findings at or above their own thresholds joined by ``|``, or
+    :data:`NO_FINDING`."""
     threshold: float | None
     calibrated: bool = True
     """False when the served configuration has no calibration: ``probs`` are raw softmax."""
+    thresholds: np.ndarray | None = None
+    """Multi-label: each finding's operating threshold (None when uncalibrated: 0.5 each)."""
+    decisions: np.ndarray | None = None
+    """Multi-label: each finding called present (``probs >= thresholds``)."""
+
+    def ranked(self, classes: list[str]) -> list[tuple[str, float, bool | None]]:
+        """``(class or finding, probability, decision)`` from the most probable down; the
+        decision is None for a multi-class task."""
+        order = np.argsort(-np.asarray(self.probs), kind="stable")
+        dec = self.decisions
+        return [
+            (classes[i], float(self.probs[i]), None if dec is None else bool(dec[i])) for i in order
+        ]
 
 
 class Predictor:
@@ -70,7 +90,7 @@ class Predictor:
         classes: list[str],
         prep: Preprocessing,
         normalization: Normalization,
-        calibrator: Calibrator | None,
+        calibrator: Calibrator | FindingCalibration | None,
         threshold: float | None,
         device: torch.device,
         run_dir: Path | None = None,
@@ -80,12 +100,15 @@ class Predictor:
         ood: OODCriteria | None = None,
         runner: OnnxRunner | None = None,
         load_models: Callable[[], list[torch.nn.Module]] | None = None,
+        multilabel: bool = False,
     ) -> None:
         self._models: list[torch.nn.Module] | None = models if runner is None else None
         self._load_models = load_models
         self.runner = runner
         """The onnxruntime session when the backend is ``onnx``, else None."""
         self.n_members = len(models) if runner is None else int(runner.metadata["xraycls_members"])
+        self.multilabel = multilabel
+        """Findings (one sigmoid each, a decision per finding) rather than one class."""
         self.classes = classes
         self.prep = prep
         self.calibrator = calibrator
@@ -198,6 +221,7 @@ class Predictor:
             ood=OODCriteria(bundle.intensity_reference(), bundle.age_range),
             runner=runner,
             load_models=load_models,
+            multilabel=bundle.multilabel,
         )
 
     def to_tensor(self, pixels: list[np.ndarray]) -> torch.Tensor:
@@ -218,9 +242,24 @@ class Predictor:
             return []
         member_logits = self.logits(self.to_tensor(pixels))
         mean_logits = member_logits.mean(0)
-        raw = softmax(mean_logits)
+        raw = sigmoid(mean_logits) if self.multilabel else softmax(mean_logits)
         probs = self._calibrate(mean_logits)
         members = np.stack([self._calibrate(z) for z in member_logits], axis=1)
+        if self.multilabel:
+            t = self.finding_thresholds
+            return [
+                Prediction(
+                    probs[i],
+                    raw[i],
+                    members[i],
+                    self._findings_text(probs[i] >= t),
+                    None,
+                    calibrated=self.calibrated,
+                    thresholds=t,
+                    decisions=probs[i] >= t,
+                )
+                for i in range(len(pixels))
+            ]
         return [
             Prediction(
                 probs[i],
@@ -253,9 +292,22 @@ class Predictor:
             results[i] = pred
         return results
 
+    @property
+    def finding_thresholds(self) -> np.ndarray:
+        """Multi-label: each finding's stored operating threshold (0.5 where none is stored:
+        an uncalibrated bundle)."""
+        cal = self.calibrator
+        if isinstance(cal, FindingCalibration):
+            return np.where(np.isfinite(cal.thresholds), cal.thresholds, 0.5)
+        return np.full(len(self.classes), 0.5)
+
+    def _findings_text(self, present: np.ndarray) -> str:
+        names = [c for c, d in zip(self.classes, present, strict=True) if d]
+        return "|".join(names) if names else NO_FINDING
+
     def _calibrate(self, logits: np.ndarray) -> np.ndarray:
         if self.calibrator is None:
-            return softmax(logits)
+            return sigmoid(logits) if self.multilabel else softmax(logits)
         return self.calibrator.predict_proba(logits)
 
     def _decide(self, probs: np.ndarray) -> str:
@@ -279,6 +331,7 @@ class Predictor:
             "calibration": None if self.calibrator is None else self.calibrator.method,
             "calibration_name": self.calibration_name,
             "threshold": self.threshold,
+            "task": "multilabel" if self.multilabel else "multiclass",
         }
         if self.runner is not None:  # absent for torch: older results files stay resumable
             out["backend"] = "onnx"

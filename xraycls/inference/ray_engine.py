@@ -93,6 +93,7 @@ def ray_batches(
     batch_size: int,
     ood: OODCriteria | None = None,
     actors: int | None = None,
+    multilabel: bool = False,
 ) -> Iterator[list[dict[str, str]]]:
     """Result rows of ``todo`` ((path, (size, mtime)) pairs), a list per block, as they finish.
 
@@ -107,6 +108,7 @@ def ray_batches(
         prep: The bundle's preprocessing (for the decoding tasks).
         ood: The bundle's out-of-distribution criteria.
         classes: The bundle's classes (for the columns).
+        multilabel: The bundle predicts findings (``dec_<finding>`` columns too).
         batch_size: Files per model call.
         actors: Scoring actors (default: one per GPU, or one on CPU).
     """
@@ -122,7 +124,7 @@ def ray_batches(
     ray.data.DataContext.get_current().enable_progress_bars = False
     gpus = int(ray.cluster_resources().get("GPU", 0))
     n = actors or max(1, gpus)
-    columns = result_columns(classes)
+    columns = result_columns(classes, multilabel=multilabel)
     ds = ray.data.from_items(
         [{"path": p, "size_bytes": s, "mtime_ns": m} for p, (s, m) in todo]
     ).map(_load, fn_kwargs={"prep": prep, "ood": ood})

@@ -96,6 +96,17 @@ def build_report(
                     c: float(pred.raw_probs[i]) for i, c in enumerate(classes)
                 },
                 "member_probabilities": np.atleast_2d(pred.member_probs).tolist(),
+                "findings": [
+                    {
+                        "finding": c,
+                        "probability": float(pred.probs[i]),
+                        "present": bool(pred.decisions[i]),
+                        "threshold": float(pred.thresholds[i]),
+                    }
+                    for i, c in enumerate(classes)
+                ]
+                if pred.decisions is not None and pred.thresholds is not None
+                else None,
                 "uncertainty": uncertainty_text(pred, classes),
             },
             "out_of_distribution": {

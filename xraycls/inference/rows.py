@@ -47,9 +47,13 @@ class ScoreError(Exception):
     """The run cannot start (bad output, settings mismatch, missing optional dependency)."""
 
 
-def result_columns(classes: list[str]) -> list[str]:
-    """The results CSV's columns for a model with ``classes``."""
-    return [*HEAD_COLUMNS, *(f"prob_{c}" for c in classes), *TAIL_COLUMNS]
+def result_columns(classes: list[str], *, multilabel: bool = False) -> list[str]:
+    """The results CSV's columns for a model with ``classes``: ``prob_<class>`` each, and for
+    a multi-label model ``dec_<finding>`` each (1 at or above the finding's stored threshold,
+    else 0); ``predicted`` then holds the present findings joined by ``|`` (or ``No
+    Finding``) and ``threshold`` is blank (one per finding, in the bundle)."""
+    decisions = [f"dec_{c}" for c in classes] if multilabel else []
+    return [*HEAD_COLUMNS, *(f"prob_{c}" for c in classes), *decisions, *TAIL_COLUMNS]
 
 
 def load_item(
@@ -119,7 +123,12 @@ def _one_line(value: object) -> str:
 
 
 def make_row(
-    item: Mapping[str, Any], pred: Prediction | None, classes: list[str], seconds: float
+    item: Mapping[str, Any],
+    pred: Prediction | None,
+    classes: list[str],
+    seconds: float,
+    *,
+    multilabel: bool = False,
 ) -> dict[str, str]:
     """The results row of one item (``pred`` None for an item that failed to read)."""
     row = {
@@ -140,6 +149,8 @@ def make_row(
     }
     for c in classes:
         row[f"prob_{c}"] = ""
+        if multilabel:
+            row[f"dec_{c}"] = ""
     if pred is not None and not np.all(np.isfinite(pred.probs)):
         row |= {
             "status": "error",
@@ -152,6 +163,9 @@ def make_row(
             row[f"prob_{c}"] = _fmt(p)
         row["predicted"] = _one_line(pred.predicted)
         row["threshold"] = "" if pred.threshold is None else _fmt(pred.threshold)
+        if multilabel and pred.decisions is not None:
+            for c, d in zip(classes, pred.decisions, strict=True):
+                row[f"dec_{c}"] = "1" if d else "0"
     return row
 
 
@@ -188,7 +202,11 @@ def score_items(
     share = model_s / max(1, sum(p is not None for p in preds))
     rows = [
         make_row(
-            it, p, predictor.classes, it.get("decode_s", 0.0) + (share if p is not None else 0.0)
+            it,
+            p,
+            predictor.classes,
+            it.get("decode_s", 0.0) + (share if p is not None else 0.0),
+            multilabel=predictor.multilabel,
         )
         for it, p in zip(items, preds, strict=True)
     ]

@@ -257,7 +257,7 @@ def score(
     explain = None
     if cam_dir is not None or dicom_out is not None:
         explain = Explainer(predictor, inputs.root, cam_method, cam_dir, dicom_out)
-    columns = result_columns(predictor.classes)
+    columns = result_columns(predictor.classes, multilabel=predictor.multilabel)
     settings = {
         "version": SETTINGS_VERSION,
         "input": str(inputs.source),
@@ -400,6 +400,7 @@ def _ray_batches(
         calibration=None if predictor.calibration_name == "default" else predictor.calibration_name,
         prep=predictor.prep,
         classes=predictor.classes,
+        multilabel=predictor.multilabel,
         batch_size=batch_size,
         ood=predictor.ood,
     )

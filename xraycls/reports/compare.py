@@ -103,6 +103,17 @@ def compare_runs(
     if not oofs:
         raise BundleError("no runs to compare")
     names = _unique_names([d for d, _ in oofs])
+    tasks = {oof.labels.ndim for _, oof in oofs}
+    if tasks == {2}:
+        from xraycls.reports.findings import compare_findings
+
+        wanted = next(
+            (n for n, (d, _) in zip(names, oofs, strict=True) if baseline in (n, d.name)), None
+        )
+        runs = [(n, d, oof) for n, (d, oof) in zip(names, oofs, strict=True)]
+        return compare_findings(runs, out, baseline=wanted, n_boot=n_boot, log=log)
+    if len(tasks) > 1:
+        raise BundleError("compare runs of the same task only: some are multi-label, some not")
     reference = _check_same_data(oofs)
     common = reference.aligned(sorted(reference.paths))  # every run's rows in this order
     views = [

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from xraycls.bundle.calibration import interval
-from xraycls.bundle.format import Bundle, Members
+from xraycls.bundle.format import Bundle, BundleError, Members
 from xraycls.evaluation.metrics import (
     FAST_METRICS,
     auroc,
@@ -77,6 +77,12 @@ def evaluate_run(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     bundle = Bundle.read(run_dir)
+    if bundle.multilabel:
+        raise BundleError(
+            f"{bundle.path}: a multi-label bundle; `xraycls evaluate` on an external labelled set "
+            "handles one label per image only so far (the bundle's own per-finding validation is "
+            "in MODEL_CARD.md and calibration.json)"
+        )
     predictor = Predictor.from_run(bundle, members=members, calibration=calibration, device=device)
     column = label_column or bundle.label_column
     rows = _labelled_rows(data, column, predictor.classes, by)

@@ -60,6 +60,12 @@ def calibrate_site(
         ValueError: The labels CSV lacks the label column or holds other classes.
     """
     bundle = Bundle.read(run_dir)
+    if bundle.multilabel:
+        raise BundleError(
+            f"{bundle.path}: a multi-label bundle; `xraycls calibrate --on` on an external labelled set "
+            "handles one label per image only so far (the bundle's own per-finding validation is "
+            "in MODEL_CARD.md and calibration.json)"
+        )
     target = site_calibration_path(bundle, name)
     if target.exists() and not replace:
         raise BundleError(f"{target}: a site calibration {name!r} exists; choose another name")

@@ -38,12 +38,32 @@ class ModelConfig(_Strict):
         return v
 
 
+NO_FINDING = frozenset({"no finding", "no_finding", "nofinding", "normal"})
+"""Labels meaning "none of the findings" (NIH's ``No Finding``): not a finding to predict."""
+
+
 class DataConfig(_Strict):
     """Where the images and labels are, and how images become tensors."""
 
     labels: Path = Path("../shared/data/cxr-pneumonia-224/sample-1000.csv")
     """A labels CSV (``path,label[,patient_id,...]``, paths relative to it) or an ingest manifest."""
+    task: Literal["multiclass", "multilabel"] = "multiclass"
+    """``multiclass``: one label per image (softmax). ``multilabel``: any number of findings
+    per image (one sigmoid each), from ``label_columns`` or a separated ``label_column``."""
     label_column: str = "label"
+    label_columns: list[str] | None = None
+    """Multi-label: one 0/1 column per finding (blank or -1, as in CheXpert: unknown)."""
+    label_separator: str | None = None
+    """Multi-label: ``label_column`` holds the findings joined by this (NIH: ``"|"``)."""
+    findings: list[str] | None = None
+    """Multi-label: the findings to predict, in order (default: ``label_columns``, or every
+    finding named in ``label_column`` except "No Finding")."""
+    uncertain: Literal["mask", "zero", "one"] = "mask"
+    """Multi-label: what a blank or -1 label counts as. ``mask``: unknown, left out of the loss
+    and of every metric for that finding; ``zero``/``one``: absent/present."""
+    min_positives: int = Field(default=2, ge=1)
+    """Multi-label: each finding needs this many positive images in every fold (and in the
+    calibration holdout) to be evaluated there; fewer is an error naming finding and fold."""
     patient_column: str = "patient_id"
     classes: list[str] | None = None
     """Class order (the last one is "positive" for binary metrics); default: sorted labels."""
@@ -122,6 +142,10 @@ class TrainConfig(_Strict):
         return {False: "off", True: "on"}.get(v, v) if isinstance(v, bool) else v
 
     class_weighting: bool = True
+    """Multi-class: inverse-frequency class weights in the cross-entropy."""
+    pos_weight: Literal["auto", "none"] | dict[str, float] = "none"
+    """Multi-label: BCE ``pos_weight`` per finding. ``auto``: negatives/positives of each
+    finding in the training fold; a mapping sets it per finding (others 1)."""
     label_smoothing: float = Field(default=0.0, ge=0, lt=1)
     early_stopping_patience: int | None = Field(default=3, ge=1)
     """Stop after this many epochs without inner-validation AUROC gain (last stage only)."""
@@ -205,11 +229,76 @@ class Config(_Strict):
             )
         if self.calibration.threshold_target == "youden":
             self.calibration.threshold_value = None
+        self._check_task()
         return self
+
+    def _check_task(self) -> None:
+        d = self.data
+        if d.task == "multiclass":
+            extra = [
+                k
+                for k, v in (
+                    ("data.label_columns", d.label_columns),
+                    ("data.label_separator", d.label_separator),
+                    ("data.findings", d.findings),
+                )
+                if v is not None
+            ]
+            if extra:
+                raise ValueError(f"{', '.join(extra)} need data.task: multilabel")
+            if self.train.pos_weight != "none":
+                raise ValueError("train.pos_weight needs data.task: multilabel")
+            return
+        if d.classes is not None:
+            raise ValueError("data.classes is for multiclass; use data.findings for multilabel")
+        if d.label_columns is not None and d.label_separator is not None:
+            raise ValueError(
+                "data.label_columns and data.label_separator exclude each other: give 0/1 "
+                "columns, or one column of findings joined by a separator"
+            )
+        if d.label_columns is None and d.label_separator is None:
+            raise ValueError(
+                "data.task multilabel needs data.label_columns (0/1 columns) or "
+                "data.label_separator (e.g. '|' for a column like NIH's finding_labels)"
+            )
+        if d.label_columns is not None:
+            _unique_names("data.label_columns", d.label_columns)
+            if len(d.label_columns) < 1:
+                raise ValueError("data.label_columns: name at least one column")
+            unknown = sorted(set(d.findings or []) - set(d.label_columns))
+            if unknown:
+                raise ValueError(f"data.findings {unknown} are not in data.label_columns")
+        if d.label_separator == "":
+            raise ValueError(
+                "data.label_separator must not be empty (quote it in YAML: '|', since a bare "
+                "| starts a block)"
+            )
+        if d.findings is not None:
+            _unique_names("data.findings", d.findings)
+            if not d.findings:
+                raise ValueError("data.findings: name at least one finding")
+        if isinstance(self.train.pos_weight, dict):
+            bad = {k: v for k, v in self.train.pos_weight.items() if not v > 0}
+            if bad:
+                raise ValueError(f"train.pos_weight: weights must be > 0, got {bad}")
+            names = d.findings or d.label_columns
+            if names is not None:
+                unknown = sorted(set(self.train.pos_weight) - set(names))
+                if unknown:
+                    raise ValueError(f"train.pos_weight: {unknown} are not findings {names}")
 
     def to_yaml(self) -> str:
         """The resolved config as YAML (what a run saves as ``config.yaml``)."""
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _unique_names(option: str, names: list[str]) -> None:
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ValueError(f"{option}: duplicated {dupes}")
+    blank = [n for n in names if not str(n).strip()]
+    if blank:
+        raise ValueError(f"{option}: blank name")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:

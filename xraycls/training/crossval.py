@@ -16,7 +16,9 @@ Reading order: :func:`run_training` (the run: data, folds, refit, floor, bundle)
 
 from __future__ import annotations
 
+import re
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,8 +41,18 @@ from xraycls.bundle.format import (
     write_served,
 )
 from xraycls.errors import ConfigError
-from xraycls.evaluation.metrics import classification_metrics, softmax
-from xraycls.evaluation.splits import holdout_split, patient_folds
+from xraycls.evaluation.metrics import (
+    auroc,
+    bootstrap_ci,
+    classification_metrics,
+    delong_test,
+    macro_auroc,
+    multilabel_bootstrap_ci,
+    multilabel_metrics,
+    sigmoid,
+    softmax,
+)
+from xraycls.evaluation.splits import holdout_split, patient_folds, positives_per_part
 from xraycls.io.files import write_json_atomic, write_text_atomic
 from xraycls.io.manifest import read_table, write_table
 from xraycls.io.ood import reference_from_files
@@ -56,7 +68,7 @@ from xraycls.training.distributed import (
     init_distributed,
     shutdown,
 )
-from xraycls.training.floor import floor_features, floor_oof_probs
+from xraycls.training.floor import floor_features, floor_oof_multilabel, floor_oof_probs
 from xraycls.training.fold import RunContext, load_trained, predict_logits, train_fold
 from xraycls.training.tracking import final_metrics, make_tracker
 
@@ -125,6 +137,8 @@ def _cross_validate(ctx: RunContext, holdout: Table, t0: float) -> TrainResult:
     cfg, dist, log = ctx.cfg, ctx.dist, ctx.log
     table = ctx.table
     folds = patient_folds(table.labels, table.groups, folds=cfg.cv.folds, seed=cfg.seed)
+    if table.multilabel:
+        _check_fold_positives(table, folds, cfg.cv.folds, cfg.data.min_positives)
     _write_csv(
         ctx,
         ctx.out / "folds.csv",
@@ -144,16 +158,17 @@ def _cross_validate(ctx: RunContext, holdout: Table, t0: float) -> TrainResult:
         test, train = np.flatnonzero(folds == k), np.flatnonzero(folds != k)
         result = train_fold(ctx, f"fold{k}", seed=cfg.seed + k, train_idx=train, test_idx=test)
         oof_logits[test] = result.logits
-        m = classification_metrics(softmax(result.logits), table.labels[test], table.classes)
+        m = _metrics(result.logits, table.labels[test], table.classes)
         fold_metrics.append({"fold": k, **m, "best_epoch": result.best_epoch})
         timings.append(result.timing)
+        second = "auroc_micro" if table.multilabel else "accuracy"
         ctx.tracker.log_metrics(
-            {f"fold{k}/{n}": m[n] for n in ("auroc", "accuracy")}
+            {f"fold{k}/{n}": m[n] for n in ("auroc", second)}
             | {f"fold{k}/best_epoch": result.best_epoch}
         )
         log(
-            f"fold {k}: AUROC {m['auroc']:.4f}, accuracy {m['accuracy']:.4f} "
-            f"(best inner epoch {result.best_epoch})"
+            f"fold {k}: {'macro AUROC' if table.multilabel else 'AUROC'} {m['auroc']:.4f}, "
+            f"{second.replace('_', ' ')} {m[second]:.4f} (best inner epoch {result.best_epoch})"
         )
     if cfg.cv.refit:
         refit = train_fold(ctx, "refit", seed=cfg.seed + 1000, train_idx=np.arange(len(table)))
@@ -168,6 +183,39 @@ def _cross_validate(ctx: RunContext, holdout: Table, t0: float) -> TrainResult:
     barrier(dist)  # the other ranks read what rank 0 wrote
     metrics = Bundle.read(ctx.out).metrics()
     return TrainResult(ctx.out, metrics, metrics["wall_seconds"])
+
+
+def _metrics(logits: np.ndarray, labels: np.ndarray, classes: list[str]) -> dict[str, Any]:
+    """Classification metrics of logits: softmax for classes, sigmoid per finding."""
+    if labels.ndim == 2:
+        return multilabel_metrics(sigmoid(logits), labels, classes)
+    return classification_metrics(softmax(logits), labels, classes)
+
+
+def _probs(logits: np.ndarray, multilabel: bool) -> np.ndarray:
+    return sigmoid(logits) if multilabel else softmax(logits)
+
+
+def _check_fold_positives(table: Table, folds: np.ndarray, n_folds: int, minimum: int) -> None:
+    """Every finding needs ``minimum`` positive (and one negative) images in every fold to be
+    evaluated there.
+
+    Raises:
+        ConfigError: Naming the finding, the fold and the counts.
+    """
+    counts = positives_per_part(table.labels, folds, n_folds)
+    y = np.asarray(table.labels, np.float64)
+    for k in range(n_folds):
+        negatives = np.sum(y[folds == k] == 0, axis=0)
+        for j, f in enumerate(table.classes):
+            if counts[k, j] < minimum or negatives[j] < 1:
+                total = int(np.nansum(y[:, j]))
+                raise ConfigError(
+                    f"data: finding {f!r} has {int(counts[k, j])} positive and "
+                    f"{int(negatives[j])} negative image(s) in fold {k} ({total} positives in "
+                    f"all, {n_folds} folds; data.min_positives={minimum}): too few to evaluate. "
+                    "Use fewer folds (cv.folds), more data, or drop the finding (data.findings)"
+                )
 
 
 def _finish(
@@ -199,6 +247,13 @@ def _finish(
     _write_bundle(ctx, oof, metrics)
     _track_results(ctx)
     pooled, floor = metrics["pooled_oof"], metrics["floor_logreg_32px"]
+    if table.multilabel:
+        ctx.log(
+            f"pooled OOF macro AUROC {pooled['auroc']:.4f} (micro {pooled['auroc_micro']:.4f}) "
+            f"over {len(table.classes)} findings; floor (one logistic regression per finding on "
+            f"32x32 pixels, same folds) macro AUROC {floor['auroc']:.4f} -> {ctx.out}"
+        )
+        return
     ctx.log(
         f"pooled OOF AUROC {pooled['auroc']:.4f}, accuracy {pooled['accuracy']:.4f}; floor (logistic "
         f"regression on 32x32 pixels, same folds) AUROC {floor['auroc']:.4f} -> {ctx.out}"
@@ -257,9 +312,10 @@ def _prepare(
             table.labels, table.groups, fraction=cfg.cv.calibration_holdout, seed=cfg.seed
         )
     except ValueError as e:
-        raise ConfigError(f"cv.calibration_holdout: {e}") from e
+        raise ConfigError(f"cv.calibration_holdout: {_name_findings(str(e), table)}") from e
+    what = "findings" if table.multilabel else "classes"
     log(
-        f"{len(table)} images, {len(np.unique(table.groups))} patients, classes {table.classes}; "
+        f"{len(table)} images, {len(np.unique(table.groups))} patients, {what} {table.classes}; "
         f"{len(hold)} images of {len(np.unique(table.groups[hold]))} patients held out to "
         f"calibrate the served models; {cfg.model.name} at {cfg.model.image_size}px on {device} "
         f"({amp.describe()})"
@@ -272,6 +328,11 @@ def _prepare(
         cfg, out, table.subset(dev), prep, cache, device, amp, log, progress, dist, tracker
     )
     return ctx, table.subset(hold)
+
+
+def _name_findings(message: str, table: Table) -> str:
+    """A splitter's ``finding #j`` with the finding's name."""
+    return re.sub(r"finding #(\d+)", lambda m: f"finding {table.classes[int(m[1])]!r}", message)
 
 
 def _served_predictions(ctx: RunContext, holdout: Table) -> ServedPredictions:
@@ -299,6 +360,10 @@ def _served_predictions(ctx: RunContext, holdout: Table) -> ServedPredictions:
 def _floor(ctx: RunContext, folds: np.ndarray) -> np.ndarray:
     """The 32x32 logistic-regression floor's OOF probabilities on the run's own folds."""
     feats = floor_features(ctx.table, ctx.prep, cache=ctx.cache)
+    if ctx.table.multilabel:
+        return floor_oof_multilabel(
+            feats, ctx.table.labels, ctx.table.groups, folds, seed=ctx.cfg.seed
+        )
     return floor_oof_probs(
         feats,
         ctx.table.labels,
@@ -317,6 +382,8 @@ def _run_metrics(
 ) -> dict[str, Any]:
     """``metrics.json``: pooled OOF and floor metrics, per fold, and what the run cost."""
     assert oof.floor is not None
+    if oof.labels.ndim == 2:
+        return _multilabel_run_metrics(ctx, oof, fold_metrics, timings)
     headline = ("auroc", "accuracy", "sensitivity", "specificity", "f1", "balanced_accuracy")
     infer = [t["inference_seconds_per_image"] for t in timings if t["inference_seconds_per_image"]]
     return {
@@ -335,11 +402,68 @@ def _run_metrics(
     }
 
 
+def _multilabel_run_metrics(
+    ctx: RunContext,
+    oof: OutOfFold,
+    fold_metrics: list[dict[str, Any]],
+    timings: list[dict[str, float | None]],
+) -> dict[str, Any]:
+    """``metrics.json`` of a multi-label run: per finding and macro/micro, the floor per
+    finding on the same folds, and each finding's OOF AUROC against the floor's (paired
+    DeLong) with a patient-level bootstrap interval."""
+    assert oof.floor is not None
+    n_boot = ctx.cfg.calibration.n_boot
+    probs = sigmoid(oof.logits)
+    pooled = multilabel_metrics(probs, oof.labels, oof.classes)
+    floor = multilabel_metrics(oof.floor, oof.labels, oof.classes)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _, lo, hi = multilabel_bootstrap_ci(
+            macro_auroc, probs, oof.labels, groups=oof.groups, n_boot=n_boot
+        )
+    pooled["auroc_ci"] = [lo, hi]
+    for j, f in enumerate(oof.classes):
+        known = ~np.isnan(oof.labels[:, j])
+        y, g = oof.labels[known, j].astype(np.int64), oof.groups[known]
+        entry = pooled["per_finding"][f]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                _, lo, hi = bootstrap_ci(auroc, probs[known, j], y, groups=g, n_boot=n_boot)
+                entry["auroc_ci"] = [lo, hi]
+            except ValueError:
+                entry["auroc_ci"] = [float("nan"), float("nan")]
+            try:
+                d = delong_test(y, probs[known, j], oof.floor[known, j])
+                entry["vs_floor"] = {"diff": d["diff"], "p_value": d["p_value"]}
+            except ValueError:
+                entry["vs_floor"] = {"diff": float("nan"), "p_value": float("nan")}
+    headline = ("auroc", "auroc_micro", "auprc", "auprc_micro", "ece", "brier")
+    infer = [t["inference_seconds_per_image"] for t in timings if t["inference_seconds_per_image"]]
+    return {
+        "task": "multilabel",
+        "pooled_oof": pooled,
+        "floor_logreg_32px": floor,
+        "folds": fold_metrics,
+        "mean_over_folds": {k: float(np.nanmean([f[k] for f in fold_metrics])) for k in headline},
+        "n_images": len(oof.labels),
+        "n_patients": len(np.unique(oof.groups)),
+        "excluded": _count_rows(ctx.out / "excluded.csv"),
+        "classes": oof.classes,
+        "findings": oof.classes,
+        "uncertain": ctx.cfg.data.uncertain,
+        "device": str(ctx.device),
+        "amp": ctx.amp.describe(),
+        "train_seconds_per_image": float(np.mean([t["train_seconds_per_image"] for t in timings])),
+        "inference_seconds_per_image": float(np.mean(infer)) if infer else None,
+    }
+
+
 def _write_bundle(ctx: RunContext, oof: OutOfFold, metrics: dict[str, Any]) -> None:
     """Everything a consumer of the run reads: predictions, metrics, identity, calibration,
     model card and the intensity reference for out-of-distribution checks."""
     cfg = ctx.cfg
-    write_oof(ctx.out, oof, softmax(oof.logits))
+    write_oof(ctx.out, oof, _probs(oof.logits, ctx.table.multilabel))
     write_json_atomic(ctx.out / METRICS_FILE, metrics)
     write_bundle_meta(
         ctx.out,
@@ -352,6 +476,7 @@ def _write_bundle(ctx: RunContext, oof: OutOfFold, metrics: dict[str, Any]) -> N
         folds=cfg.cv.folds,
         refit=cfg.cv.refit,
         age_range=cfg.data.age_range,
+        task=cfg.data.task,
     )
     _plot_curves(ctx.out)
     if cfg.calibration.method != "none":

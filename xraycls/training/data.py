@@ -24,12 +24,17 @@ from xraycls.evaluation.splits import grouped_subset
 from xraycls.io.manifest import LabelsError, read_labels
 from xraycls.io.preprocess import ImageCache, Preprocessing, preprocess_file, read_cached
 from xraycls.models.weights import Normalization, to_model_input
-from xraycls.training.config import AugmentConfig, DataConfig
+from xraycls.training.config import NO_FINDING, AugmentConfig, DataConfig
 
 
 @dataclass
 class Table:
-    """The images of an experiment: paths, integer labels, patient groups."""
+    """The images of an experiment: paths, labels, patient groups.
+
+    Multi-class: ``labels`` holds N integers in ``range(len(classes))``. Multi-label:
+    ``classes`` are the findings and ``labels`` is N x K float32, 1/0 for present/absent and
+    NaN where the label is unknown (masked out of the loss and the metrics).
+    """
 
     paths: list[str]
     labels: np.ndarray
@@ -40,6 +45,11 @@ class Table:
 
     def __len__(self) -> int:
         return len(self.paths)
+
+    @property
+    def multilabel(self) -> bool:
+        """Whether ``labels`` is a findings matrix (one sigmoid per finding)."""
+        return self.labels.ndim == 2
 
     def subset(self, idx: np.ndarray) -> Table:
         """The rows at ``idx``."""
@@ -77,6 +87,8 @@ def load_table(
         raise ConfigError(f"data.labels: {e}") from e
     if not rows:
         raise ConfigError(f"{cfg.labels}: no rows")
+    if cfg.task == "multilabel":
+        return _load_multilabel(cfg, rows, prep, seed=seed, log=log)
     column = cfg.label_column
     if column not in rows[0]:
         raise ConfigError(
@@ -105,6 +117,121 @@ def load_table(
     if cfg.limit is not None and cfg.limit < len(table):
         table = table.subset(grouped_subset(table.labels, table.groups, n=cfg.limit, seed=seed))
     return table
+
+
+_POSITIVE = {"1", "1.0", "true", "yes"}
+_NEGATIVE = {"0", "0.0", "false", "no"}
+_UNKNOWN = {"", "-1", "-1.0", "nan", "na", "uncertain"}
+
+
+def _load_multilabel(
+    cfg: DataConfig,
+    rows: list[dict[str, str]],
+    prep: Preprocessing,
+    *,
+    seed: int,
+    log: Callable[[str], None] | None,
+) -> Table:
+    """The multi-label reading of ``load_table`` (see :class:`Table`)."""
+    ok = [(i + 2, r) for i, r in enumerate(rows) if r.get("status", "ok") == "ok"]
+    not_ok = len(rows) - len(ok)
+    if cfg.label_columns is not None:
+        findings, y, skipped = _from_columns(cfg, ok)
+    else:
+        findings, y, skipped = _from_separated(cfg, ok, log)
+    if (not_ok or skipped) and log is not None:
+        log(
+            f"{cfg.labels}: excluded {len(skipped)} row(s) without any known label"
+            + (f" (first at line {skipped[0]})" if skipped else "")
+            + (f" and {not_ok} ingest error row(s)" if not_ok else "")
+        )
+    keep = [k for k, (line, _) in enumerate(ok) if line not in set(skipped)]
+    kept_rows = [ok[k][1] for k in keep]
+    y = y[keep]
+    positives = np.nansum(y, axis=0)
+    negatives = np.sum(y == 0, axis=0)
+    empty = [f for f, n, m in zip(findings, positives, negatives, strict=True) if n == 0 or m == 0]
+    if empty:
+        raise ConfigError(
+            f"{cfg.labels}: finding(s) {empty} have no positive (or no negative) image; "
+            "remove them from data.findings / data.label_columns or fix the labels"
+        )
+    groups = _patient_groups(cfg, kept_rows, [ok[k][0] for k in keep])
+    table = Table(
+        paths=[r["path"] for r in kept_rows],
+        labels=y.astype(np.float32),
+        groups=groups,
+        classes=findings,
+        cached=_usable_cache_entries(cfg.labels, kept_rows, prep),
+    )
+    if cfg.limit is not None and cfg.limit < len(table):
+        table = table.subset(grouped_subset(table.labels, table.groups, n=cfg.limit, seed=seed))
+    return table
+
+
+def _uncertain_value(cfg: DataConfig) -> float:
+    return {"mask": np.nan, "zero": 0.0, "one": 1.0}[cfg.uncertain]
+
+
+def _from_columns(
+    cfg: DataConfig, rows: list[tuple[int, dict[str, str]]]
+) -> tuple[list[str], np.ndarray, list[int]]:
+    """Findings from 0/1 columns; blank or -1 (CheXpert's uncertain) follow ``data.uncertain``."""
+    assert cfg.label_columns is not None
+    findings = list(cfg.findings or cfg.label_columns)
+    header = list(rows[0][1]) if rows else []
+    missing = [c for c in findings if c not in header]
+    if missing:
+        raise ConfigError(
+            f"{cfg.labels}: no column(s) {missing} (data.label_columns); columns: {', '.join(header)}"
+        )
+    unknown = _uncertain_value(cfg)
+    y = np.empty((len(rows), len(findings)), dtype=np.float64)
+    for i, (line, r) in enumerate(rows):
+        for j, f in enumerate(findings):
+            v = (r[f] or "").strip().lower()
+            if v in _POSITIVE:
+                y[i, j] = 1.0
+            elif v in _NEGATIVE:
+                y[i, j] = 0.0
+            elif v in _UNKNOWN:
+                y[i, j] = unknown
+            else:
+                raise ConfigError(
+                    f"{cfg.labels}, line {line}: column {f!r} holds {r[f]!r}; expected 1, 0, "
+                    "-1 (uncertain) or blank (unknown)"
+                )
+    skipped = [line for (line, _), row in zip(rows, y, strict=True) if np.isnan(row).all()]
+    return findings, y, skipped
+
+
+def _from_separated(
+    cfg: DataConfig, rows: list[tuple[int, dict[str, str]]], log: Callable[[str], None] | None
+) -> tuple[list[str], np.ndarray, list[int]]:
+    """Findings from one column of names joined by ``data.label_separator`` (NIH's
+    ``Atelectasis|Effusion``; ``No Finding`` means none). A blank cell is an unlabelled row."""
+    column, sep = cfg.label_column, cfg.label_separator
+    assert sep is not None
+    if rows and column not in rows[0][1]:
+        raise ConfigError(
+            f"{cfg.labels}: no column {column!r} (data.label_column); columns: "
+            f"{', '.join(rows[0][1])}"
+        )
+    named = [{n.strip() for n in (r[column] or "").split(sep) if n.strip()} for _, r in rows]
+    found = sorted(set().union(*named) - {n for n in set().union(*named) if _no_finding(n)})
+    findings = list(cfg.findings or found)
+    ignored = sorted(set(found) - set(findings))
+    if ignored and log is not None:
+        log(f"{cfg.labels}: findings {ignored} are not in data.findings; ignored")
+    y = np.array(
+        [[1.0 if f in names else 0.0 for f in findings] for names in named], dtype=np.float64
+    ).reshape(len(rows), len(findings))
+    skipped = [line for (line, _), names in zip(rows, named, strict=True) if not names]
+    return findings, y, skipped
+
+
+def _no_finding(name: str) -> bool:
+    return name.strip().lower().replace(" ", "_") in {n.replace(" ", "_") for n in NO_FINDING}
 
 
 def _classes(cfg: DataConfig, rows: list[dict[str, str]]) -> list[str]:
@@ -225,7 +352,9 @@ class XrayDataset(Dataset[dict[str, Any]]):
             out = self.augment(x.unsqueeze(0))
             x = (out.as_tensor() if hasattr(out, "as_tensor") else out).clamp_(0.0, 1.0)[0]
         image = to_model_input(x, self.normalization)
-        return {"image": image, "label": int(self.table.labels[i]), "index": i}
+        y = self.table.labels[i]
+        label = torch.from_numpy(np.asarray(y, np.float32)) if self.table.multilabel else int(y)
+        return {"image": image, "label": label, "index": i}
 
 
 def load_pixels(table: Table, i: int, prep: Preprocessing, cache: ImageCache | None) -> np.ndarray:

@@ -18,7 +18,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from xraycls.evaluation.metrics import classification_metrics, softmax
+from xraycls.evaluation.metrics import (
+    classification_metrics,
+    multilabel_metrics,
+    sigmoid,
+    softmax,
+)
 from xraycls.models.runtime import Amp
 from xraycls.training.config import StageConfig
 
@@ -221,8 +226,16 @@ def evaluate(
 def score(
     logits: np.ndarray, labels: np.ndarray, index: np.ndarray, classes: list[str]
 ) -> dict[str, Any]:
-    """Loss and classification metrics of predictions; also returns them."""
+    """Loss and classification metrics of predictions; also returns them.
+
+    Multi-label (``labels`` N x K with NaN unknown): the masked BCE and
+    :func:`~xraycls.evaluation.metrics.multilabel_metrics` (``auroc`` is the macro average).
+    """
     t = torch.from_numpy(logits)
+    if labels.ndim == 2:
+        loss = float(masked_bce(t.float(), torch.from_numpy(labels).float()))
+        metrics: dict[str, Any] = multilabel_metrics(sigmoid(logits), labels, classes)
+        return {"loss": loss, **metrics, "logits": logits, "labels": labels, "index": index}
     loss = float(nn.functional.cross_entropy(t, torch.from_numpy(labels)))
     metrics = classification_metrics(softmax(logits), labels, classes)
     return {"loss": loss, **metrics, "logits": logits, "labels": labels, "index": index}
@@ -233,6 +246,41 @@ def class_weights(labels: np.ndarray, n_classes: int) -> torch.Tensor:
     counts = np.bincount(labels, minlength=n_classes).astype(np.float64)
     w = np.where(counts > 0, counts.sum() / np.maximum(counts, 1) / n_classes, 0.0)
     return torch.tensor(w / w[w > 0].mean(), dtype=torch.float32)
+
+
+def masked_bce(
+    logits: torch.Tensor, labels: torch.Tensor, pos_weight: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Mean BCE-with-logits over the known labels of N x K ``labels`` (NaN = unknown: no loss,
+    no gradient), ``pos_weight`` per finding as in ``BCEWithLogitsLoss``."""
+    known, total = masked_bce_sum(logits, labels, pos_weight)
+    return total / known.clamp(min=1)
+
+
+def masked_bce_sum(
+    logits: torch.Tensor, labels: torch.Tensor, pos_weight: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(number of known labels, summed BCE over them): the parts of :func:`masked_bce`."""
+    known = ~torch.isnan(labels)
+    per = nn.functional.binary_cross_entropy_with_logits(
+        logits, torch.nan_to_num(labels, nan=0.0), pos_weight=pos_weight, reduction="none"
+    )
+    return known.sum(), (per * known).sum()
+
+
+def pos_weights(
+    labels: np.ndarray, findings: list[str], setting: str | dict[str, float]
+) -> torch.Tensor | None:
+    """BCE ``pos_weight`` per finding: ``none`` -> None; ``auto`` -> known negatives over
+    positives in ``labels`` (the training images); a mapping -> its weights, 1 elsewhere."""
+    if setting == "none":
+        return None
+    if isinstance(setting, dict):
+        return torch.tensor([float(setting.get(f, 1.0)) for f in findings], dtype=torch.float32)
+    y = np.asarray(labels, np.float64)
+    pos = np.nansum(y, axis=0)
+    neg = np.sum(y == 0, axis=0)
+    return torch.tensor(np.where(pos > 0, neg / np.maximum(pos, 1), 1.0), dtype=torch.float32)
 
 
 def iter_epochs(stages: list[StageConfig]) -> Iterator[tuple[int, int, int]]:

@@ -71,3 +71,46 @@ def floor_oof_probs(
         cols = model[-1].classes_
         probs[np.ix_(te, cols)] = p
     return probs
+
+
+def floor_oof_multilabel(
+    features: np.ndarray,
+    labels: np.ndarray,
+    groups: np.ndarray,
+    folds: np.ndarray,
+    *,
+    seed: int = 0,
+) -> np.ndarray:
+    """The floor for findings: one logistic regression per finding (one-vs-rest), on the same
+    folds, each fitted on the training folds' known labels of its finding (NaN = unknown is
+    left out). Returns N x K out-of-fold probabilities.
+
+    The regularisation strength is chosen inside each training fold by patient-grouped 3-fold
+    CV stratified on the finding, never on the fold being predicted.
+    """
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    y = np.asarray(labels, np.float64)
+    probs = np.zeros(y.shape, np.float64)
+    for j in range(y.shape[1]):
+        for k in np.unique(folds):
+            tr = (folds != k) & ~np.isnan(y[:, j])
+            te = folds == k
+            yj = y[tr, j].astype(np.int64)
+            splitter = StratifiedGroupKFold(n_splits=3, shuffle=True, random_state=seed)
+            inner = list(splitter.split(features[tr], yj, groups[tr]))
+            model = make_pipeline(
+                StandardScaler(),
+                LogisticRegressionCV(
+                    Cs=np.logspace(-4, 1, 6),
+                    cv=inner,
+                    max_iter=3000,
+                    scoring="neg_log_loss",
+                    random_state=seed,
+                ),
+            )
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                model.fit(features[tr], yj)
+            probs[te, j] = model.predict_proba(features[te])[:, 1]
+    return probs

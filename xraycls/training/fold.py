@@ -47,6 +47,8 @@ from xraycls.training.engine import (
     class_weights,
     evaluate,
     iter_epochs,
+    masked_bce_sum,
+    pos_weights,
     set_trainable,
     train_one_epoch,
 )
@@ -340,6 +342,11 @@ def _global_train_stats(dist: DistContext, tr: dict[str, float]) -> dict[str, fl
 
 
 def _loss(ctx: RunContext, train_set: XrayDataset) -> torch.nn.Module:
+    """The training loss of the task: (class-weighted) cross-entropy for one label per image,
+    masked BCE-with-logits (optional ``pos_weight``) for findings."""
+    if train_set.table.multilabel:
+        pw = pos_weights(train_set.table.labels, ctx.table.classes, ctx.cfg.train.pos_weight)
+        return MaskedBCEWithLogits(None if pw is None else pw.to(ctx.device), ctx.dist)
     weights = (
         class_weights(train_set.table.labels, len(ctx.table.classes)).to(ctx.device)
         if ctx.cfg.train.class_weighting
@@ -370,6 +377,26 @@ class GlobalWeightedCrossEntropy(torch.nn.Module):
         )
         (total,) = all_reduce_sum(self.dist, [float(self.weight[y].sum())])
         return per_sample.sum() * self.dist.world / total
+
+
+class MaskedBCEWithLogits(torch.nn.Module):
+    """BCE-with-logits averaged over the known labels (NaN = unknown) of the *global* batch.
+
+    In a data-parallel run each rank sums its shard's losses and divides by the all-reduced
+    number of known labels (times the world size, which DDP's gradient averaging divides
+    back out): the single-process loss exactly, as in :class:`GlobalWeightedCrossEntropy`.
+    """
+
+    def __init__(self, pos_weight: torch.Tensor | None, dist: DistContext) -> None:
+        super().__init__()
+        self.pos_weight, self.dist = pos_weight, dist
+
+    def forward(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        known, total = masked_bce_sum(logits, y.to(logits.dtype), self.pos_weight)
+        if not self.dist.enabled:
+            return total / known.clamp(min=1)
+        (count,) = all_reduce_sum(self.dist, [float(known)])
+        return total * self.dist.world / max(count, 1.0)
 
 
 def _restore(
