@@ -13,7 +13,17 @@ from typer.testing import CliRunner
 from xraycls.cli import app
 
 runner = CliRunner()
-COMMANDS = ["ingest", "train", "calibrate", "evaluate", "models", "compare", "app", "predict"]
+COMMANDS = [
+    "ingest",
+    "train",
+    "distill",
+    "calibrate",
+    "evaluate",
+    "models",
+    "compare",
+    "app",
+    "predict",
+]
 
 
 def _help(command: str) -> str:

@@ -49,6 +49,7 @@ from xraycls.models.runtime import resolve_amp
 from xraycls.models.weights import load_weights, normalization_for, save_weights
 from xraycls.training.config import Config
 from xraycls.training.data import Table, load_table, preflight
+from xraycls.training.distill import Teacher, describe
 from xraycls.training.distributed import (
     DistContext,
     barrier,
@@ -138,6 +139,8 @@ def _cross_validate(ctx: RunContext, holdout: Table, t0: float) -> TrainResult:
         ],
         ["path", "patient_id", "fold"],
     )
+    if cfg.distill is not None:
+        ctx.teacher = _open_teacher(ctx, folds, holdout)
     oof_logits = np.zeros((len(table), len(table.classes)), dtype=np.float32)
     fold_metrics, timings = [], []
     for k in range(cfg.cv.folds):
@@ -168,6 +171,23 @@ def _cross_validate(ctx: RunContext, holdout: Table, t0: float) -> TrainResult:
     barrier(dist)  # the other ranks read what rank 0 wrote
     metrics = Bundle.read(ctx.out).metrics()
     return TrainResult(ctx.out, metrics, metrics["wall_seconds"])
+
+
+def _open_teacher(ctx: RunContext, folds: np.ndarray, holdout: Table) -> Teacher:
+    """The distillation teacher, checked against this run's classes, folds and holdout."""
+    cfg = ctx.cfg
+    assert cfg.distill is not None
+    teacher = Teacher.open(
+        cfg.distill,
+        classes=ctx.table.classes,
+        device=ctx.device,
+        amp=ctx.amp,
+        batch_size=cfg.train.batch_size,
+        log=ctx.log,
+    )
+    teacher.check_folds(ctx.table, folds, holdout, n_folds=cfg.cv.folds)
+    ctx.log(describe(teacher.summary()))
+    return teacher
 
 
 def _finish(
@@ -332,7 +352,7 @@ def _run_metrics(
         "amp": ctx.amp.describe(),
         "train_seconds_per_image": float(np.mean([t["train_seconds_per_image"] for t in timings])),
         "inference_seconds_per_image": float(np.mean(infer)) if infer else None,
-    }
+    } | ({"distillation": ctx.teacher.summary()} if ctx.teacher is not None else {})
 
 
 def _write_bundle(ctx: RunContext, oof: OutOfFold, metrics: dict[str, Any]) -> None:

@@ -37,6 +37,8 @@ class Table:
     classes: list[str]
     cached: list[str | None] = field(default_factory=list)
     """Per image, an ingest cache entry usable as is (same preprocessing), else None."""
+    teacher_logits: np.ndarray | None = None
+    """``N x C`` logits of a teacher per image (distillation), else None."""
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -49,7 +51,14 @@ class Table:
             self.groups[idx],
             self.classes,
             [self.cached[i] for i in idx] if self.cached else [],
+            None if self.teacher_logits is None else self.teacher_logits[idx],
         )
+
+    def with_teacher(self, logits: np.ndarray | None) -> Table:
+        """This table with ``teacher_logits`` replaced (one row per image)."""
+        if logits is not None and len(logits) != len(self):
+            raise ValueError(f"{len(logits)} teacher logit rows for {len(self)} images")
+        return Table(self.paths, self.labels, self.groups, self.classes, self.cached, logits)
 
 
 def load_table(
@@ -225,7 +234,10 @@ class XrayDataset(Dataset[dict[str, Any]]):
             out = self.augment(x.unsqueeze(0))
             x = (out.as_tensor() if hasattr(out, "as_tensor") else out).clamp_(0.0, 1.0)[0]
         image = to_model_input(x, self.normalization)
-        return {"image": image, "label": int(self.table.labels[i]), "index": i}
+        sample = {"image": image, "label": int(self.table.labels[i]), "index": i}
+        if self.table.teacher_logits is not None:
+            sample["teacher"] = torch.from_numpy(self.table.teacher_logits[i])
+        return sample
 
 
 def load_pixels(table: Table, i: int, prep: Preprocessing, cache: ImageCache | None) -> np.ndarray:
