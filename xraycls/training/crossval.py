@@ -258,6 +258,8 @@ def _prepare(
         get_spec(cfg.model.name)  # a misspelt backbone fails here, not after data loading
     except ValueError as e:
         raise ConfigError(f"model.name: {e}") from e
+    if cfg.distill is not None and not Path(cfg.distill.teacher).is_dir():
+        raise ConfigError(f"distill.teacher {cfg.distill.teacher}: no such run folder")
     check_batch(dist, cfg.train.batch_size)
     amp = resolve_amp(cfg.train.amp, device)
     _claim_run_dir(out, cfg, write=dist.main)
