@@ -114,10 +114,10 @@ def distill_loss_sigmoid(
     """
     y = targets.to(student_logits.dtype)
     m = torch.ones_like(y) if mask is None else mask.to(student_logits.dtype)
+    known = torch.where(m > 0, y, torch.zeros_like(y))  # e.g. CheXpert's -1 never reaches BCE
     per_entry = F.binary_cross_entropy_with_logits(
-        student_logits, torch.where(m > 0, y, torch.zeros_like(y)), pos_weight=pos_weight,
-        reduction="none",
-    )  # fmt: skip
+        student_logits, known, pos_weight=pos_weight, reduction="none"
+    )
     hard = (per_entry * m).sum() / m.sum().clamp_min(1.0)
     if alpha == 0:
         return hard
