@@ -14,7 +14,8 @@ from xraycls.cli import app
 
 runner = CliRunner()
 COMMANDS = [
-    "ingest", "train", "calibrate", "evaluate", "models", "compare", "app", "predict", "export",
+    "ingest", "train", "distill", "calibrate", "evaluate", "models", "compare", "app", "predict",
+    "export", "listen",
 ]  # fmt: skip
 
 

@@ -26,6 +26,8 @@ console = Console(stderr=True)
 if TYPE_CHECKING:
     from rich.progress import Progress
 
+    from xraycls.training.config import Config
+
 
 class WindowChoice(StrEnum):
     auto = "auto"
@@ -192,8 +194,6 @@ def train(
     safetensors weights, labels.json, metrics.json, oof_predictions.csv and training curves.
     Under torchrun (or with --nproc N) each process trains a shard of every batch.
     """
-    import os
-
     from xraycls.errors import ConfigError
     from xraycls.training.config import load_config
 
@@ -205,6 +205,14 @@ def train(
     run_dir = out or Path("runs") / config.stem
     if nproc > 1:
         _torchrun(nproc, config, set_ or [], run_dir)
+    _train_run(cfg, run_dir)
+
+
+def _train_run(cfg: Config, run_dir: Path) -> None:
+    """Run a resolved training config into ``run_dir`` and print the summary line."""
+    import os
+
+    from xraycls.errors import ConfigError
     from xraycls.models import PretrainedWeightsError
     from xraycls.training.crossval import run_training
 
@@ -227,6 +235,36 @@ def train(
         f"train: pooled OOF AUROC {pooled['auroc']:.4f} (accuracy {pooled['accuracy']:.4f}, "
         f"{result.metrics['n_images']} images, {cfg.cv.folds} folds) in {result.seconds:.0f} s -> {run_dir}"
     )
+
+
+@app.command()
+def distill(
+    teacher: Annotated[Path, typer.Option("--teacher", help="The teacher's run folder.")],
+    config: Annotated[Path, typer.Option("--config", help="The student's experiment YAML.")],
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Override a key: --set distill.alpha=0.5 (repeatable)."),
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Run folder (default runs/<config name>); re-running resumes it."),
+    ] = None,
+) -> None:
+    """Train a student on a teacher run's logits: `train` with the `distill:` section filled.
+
+    The student of fold k learns from the teacher's fold-k model (same folds required and
+    checked), at its own backbone and input size; teacher logits are computed once and cached.
+    The result is an ordinary bundle (calibrated, scored, viewable).
+    """
+    from xraycls.errors import ConfigError
+    from xraycls.training.config import load_config
+
+    try:
+        cfg = load_config(config, [f"distill.teacher={teacher}", *(set_ or [])])
+    except ConfigError as e:
+        console.print(f"[red]config error:[/red] {e}")
+        raise typer.Exit(2) from e
+    _train_run(cfg, out or Path("runs") / config.stem)
 
 
 def _torchrun(nproc: int, config: Path, overrides: list[str], out: Path) -> None:

@@ -65,6 +65,7 @@ def write_model_card(run_dir: str | Path, *, n_boot: int = 1000) -> Path:
         "",
         *_intended_use(bundle, metrics, oof),
         *_model(bundle),
+        *_distillation(metrics),
         *cv_lines,
         *_served(bundle),
         *_site_calibrations(bundle),
@@ -128,6 +129,29 @@ def _model(bundle: Bundle) -> list[str]:
             if bundle.multilabel
             else f"- Classes: {counts}."
         ),
+        "",
+    ]
+
+
+def _distillation(metrics: dict[str, Any]) -> list[str]:
+    d = metrics.get("distillation")
+    if not d:
+        return []
+    honest = (
+        "each fold's student learned only from the teacher's model of the same fold (which never "
+        "saw that fold's patients), so the out-of-fold figures below are honest"
+        if d.get("out_of_fold_honest")
+        else "every student learned from the teacher's whole fold ensemble, which saw the "
+        "held-out folds: **the out-of-fold figures below are optimistic**"
+    )
+    return [
+        "## Distillation",
+        "",
+        f"- Student of `{d.get('teacher_model')}` at {d.get('teacher_image_size')} px "
+        f"(teacher run `{d.get('teacher')}`, id `{d.get('teacher_id')}`, pooled OOF AUROC "
+        f"{_num(d.get('teacher_pooled_oof_auroc'))}).",
+        f"- Loss: alpha={d.get('alpha')} x T^2 x KL(teacher || student) at T={d.get('temperature')}"
+        f" + (1 - alpha) x cross-entropy on the labels; {honest}.",
         "",
     ]
 

@@ -206,6 +206,23 @@ class TrackingConfig(_Strict):
     mlflow: MlflowConfig | None = None
 
 
+class DistillConfig(_Strict):
+    """Train this run as a student of a finished run (see :mod:`xraycls.training.distill`)."""
+
+    teacher: Path
+    """The teacher's run folder (a bundle of the same classes)."""
+    temperature: float = Field(default=4.0, gt=0)
+    alpha: float = Field(default=0.7, ge=0, le=1)
+    """Weight of the teacher's soft term; ``1 - alpha`` goes to the hard labels."""
+    teacher_model: Literal["fold", "ensemble"] = "fold"
+    """``fold``: the student of fold k learns from the teacher's fold-k model only (it never saw
+    fold k), so out-of-fold metrics stay honest; needs the teacher's folds (checked).
+    ``ensemble``: every student model learns from the mean of the teacher's fold models (the
+    student's out-of-fold metrics are then optimistic, and marked so)."""
+    cache_dir: Path | None = None
+    """Where teacher logits are cached; default ``<teacher>/teacher_logits``."""
+
+
 class Config(_Strict):
     """A whole experiment."""
 
@@ -217,6 +234,8 @@ class Config(_Strict):
     cv: CVConfig = Field(default_factory=CVConfig)
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    distill: DistillConfig | None = None
+    """Learn from a teacher run's logits (``xraycls distill``); None trains on labels alone."""
 
     @model_validator(mode="after")
     def _consistent(self) -> Config:

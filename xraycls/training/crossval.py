@@ -61,6 +61,7 @@ from xraycls.models.runtime import resolve_amp
 from xraycls.models.weights import load_weights, normalization_for, save_weights
 from xraycls.training.config import Config
 from xraycls.training.data import Table, load_table, preflight
+from xraycls.training.distill import Teacher, describe
 from xraycls.training.distributed import (
     DistContext,
     barrier,
@@ -152,6 +153,8 @@ def _cross_validate(ctx: RunContext, holdout: Table, t0: float) -> TrainResult:
         ],
         ["path", "patient_id", "fold"],
     )
+    if cfg.distill is not None:
+        ctx.teacher = _open_teacher(ctx, folds, holdout)
     oof_logits = np.zeros((len(table), len(table.classes)), dtype=np.float32)
     fold_metrics, timings = [], []
     for k in range(cfg.cv.folds):
@@ -216,6 +219,24 @@ def _check_fold_positives(table: Table, folds: np.ndarray, n_folds: int, minimum
                     f"all, {n_folds} folds; data.min_positives={minimum}): too few to evaluate. "
                     "Use fewer folds (cv.folds), more data, or drop the finding (data.findings)"
                 )
+
+
+def _open_teacher(ctx: RunContext, folds: np.ndarray, holdout: Table) -> Teacher:
+    """The distillation teacher, checked against this run's classes, folds and holdout."""
+    cfg = ctx.cfg
+    assert cfg.distill is not None
+    teacher = Teacher.open(
+        cfg.distill,
+        classes=ctx.table.classes,
+        device=ctx.device,
+        amp=ctx.amp,
+        batch_size=cfg.train.batch_size,
+        log=ctx.log,
+        multilabel=ctx.table.multilabel,
+    )
+    teacher.check_folds(ctx.table, folds, holdout, n_folds=cfg.cv.folds)
+    ctx.log(describe(teacher.summary()))
+    return teacher
 
 
 def _finish(
@@ -293,6 +314,8 @@ def _prepare(
         get_spec(cfg.model.name)  # a misspelt backbone fails here, not after data loading
     except ValueError as e:
         raise ConfigError(f"model.name: {e}") from e
+    if cfg.distill is not None and not Path(cfg.distill.teacher).is_dir():
+        raise ConfigError(f"distill.teacher {cfg.distill.teacher}: no such run folder")
     check_batch(dist, cfg.train.batch_size)
     amp = resolve_amp(cfg.train.amp, device)
     _claim_run_dir(out, cfg, write=dist.main)
@@ -399,7 +422,7 @@ def _run_metrics(
         "amp": ctx.amp.describe(),
         "train_seconds_per_image": float(np.mean([t["train_seconds_per_image"] for t in timings])),
         "inference_seconds_per_image": float(np.mean(infer)) if infer else None,
-    }
+    } | ({"distillation": ctx.teacher.summary()} if ctx.teacher is not None else {})
 
 
 def _multilabel_run_metrics(

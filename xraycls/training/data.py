@@ -42,6 +42,8 @@ class Table:
     classes: list[str]
     cached: list[str | None] = field(default_factory=list)
     """Per image, an ingest cache entry usable as is (same preprocessing), else None."""
+    teacher_logits: np.ndarray | None = None
+    """``N x C`` logits of a teacher per image (distillation), else None."""
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -59,7 +61,14 @@ class Table:
             self.groups[idx],
             self.classes,
             [self.cached[i] for i in idx] if self.cached else [],
+            None if self.teacher_logits is None else self.teacher_logits[idx],
         )
+
+    def with_teacher(self, logits: np.ndarray | None) -> Table:
+        """This table with ``teacher_logits`` replaced (one row per image)."""
+        if logits is not None and len(logits) != len(self):
+            raise ValueError(f"{len(logits)} teacher logit rows for {len(self)} images")
+        return Table(self.paths, self.labels, self.groups, self.classes, self.cached, logits)
 
 
 def load_table(
@@ -354,7 +363,10 @@ class XrayDataset(Dataset[dict[str, Any]]):
         image = to_model_input(x, self.normalization)
         y = self.table.labels[i]
         label = torch.from_numpy(np.asarray(y, np.float32)) if self.table.multilabel else int(y)
-        return {"image": image, "label": label, "index": i}
+        sample = {"image": image, "label": label, "index": i}
+        if self.table.teacher_logits is not None:
+            sample["teacher"] = torch.from_numpy(self.table.teacher_logits[i])
+        return sample
 
 
 def load_pixels(table: Table, i: int, prep: Preprocessing, cache: ImageCache | None) -> np.ndarray:

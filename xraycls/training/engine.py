@@ -158,7 +158,10 @@ def train_one_epoch(
         sync = ddp.no_sync() if ddp is not None and not stepping else contextlib.nullcontext()
         with sync:
             with amp.autocast():
-                loss = loss_fn(forward(x).float(), y)
+                out = forward(x).float()
+                # Distillation: the loss also takes the teacher's logits of the batch.
+                teacher = batch.get("teacher")
+                loss = loss_fn(out, y) if teacher is None else loss_fn(out, y, teacher.to(device))
             scaler.scale(loss / accumulate).backward()
         if stepping:
             if schedule is not None:

@@ -31,6 +31,7 @@ from xraycls.models.weights import load_weights, normalization_for, save_weights
 from xraycls.training.checkpoint import load_checkpoint, save_checkpoint
 from xraycls.training.config import Config, StageConfig
 from xraycls.training.data import Table, XrayDataset, worker_init
+from xraycls.training.distill import DistillLoss, Teacher
 from xraycls.training.distributed import (
     DistContext,
     all_reduce_sum,
@@ -87,6 +88,8 @@ class RunContext:
     """This process's place in a data-parallel run (world 1 when alone)."""
     tracker: Tracker = field(default_factory=Tracker)
     """Experiment tracking (a no-op unless ``tracking`` is configured)."""
+    teacher: Teacher | None = None
+    """The teacher of a distillation run (``distill:``), else None."""
 
 
 @dataclass
@@ -133,7 +136,7 @@ def train_fold(
         return done
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
-    train_set, val_set = _fold_datasets(ctx, train_idx, seed)
+    train_set, val_set = _fold_datasets(ctx, train_idx, seed, name=name)
     model = build_model(ctx)
     state = _run_epochs(ctx, name, model, train_set, val_set, seed)
     model.load_state_dict(load_weights(fold_dir / "best.safetensors"))
@@ -183,10 +186,13 @@ def _finished(fold_dir: Path, n_classes: int) -> FoldResult | None:
 
 
 def _fold_datasets(
-    ctx: RunContext, train_idx: np.ndarray, seed: int
+    ctx: RunContext, train_idx: np.ndarray, seed: int, *, name: str = ""
 ) -> tuple[XrayDataset, XrayDataset]:
-    """The training images split by patient into training and inner validation."""
+    """The training images split by patient into training and inner validation (with the
+    teacher's logits of model ``name`` attached when the run distils)."""
     sub = ctx.table.subset(train_idx)
+    if ctx.teacher is not None:
+        sub = ctx.teacher.attach(name, sub)
     inner_tr, inner_val = inner_split(
         sub.labels, sub.groups, fraction=ctx.cfg.train.inner_val_fraction, seed=seed
     )
@@ -274,7 +280,8 @@ def _run_epochs(
     fold_dir, ckpt_dir = ctx.out / name, ctx.out / name / "checkpoint"
     loss_fn = _loss(ctx, train_set)
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=ctx.amp.use_scaler)
-    steps = math.ceil(len(make_loader(train_set, cfg, dist=dist)) / cfg.train.accumulate)
+    epoch_loader = make_loader(train_set, cfg, shuffle=True, dist=dist)
+    steps = math.ceil(len(epoch_loader) / cfg.train.accumulate)
     channels_last = _channels_last(cfg.train.channels_last, model)
     state, optimizer, opt_stage = _restore(ctx, name, model, scaler, stages)
     ddp = wrap(dist, model, ctx.device)  # for the restored stage's trainable parameters
@@ -343,19 +350,30 @@ def _global_train_stats(dist: DistContext, tr: dict[str, float]) -> dict[str, fl
 
 def _loss(ctx: RunContext, train_set: XrayDataset) -> torch.nn.Module:
     """The training loss of the task: (class-weighted) cross-entropy for one label per image,
-    masked BCE-with-logits (optional ``pos_weight``) for findings."""
-    if train_set.table.multilabel:
+    masked BCE-with-logits (optional ``pos_weight``) for findings; inside the distillation loss
+    when the training set carries a teacher's logits (the one place a loss is chosen)."""
+    multilabel = train_set.table.multilabel
+    hard: torch.nn.Module
+    if multilabel:
         pw = pos_weights(train_set.table.labels, ctx.table.classes, ctx.cfg.train.pos_weight)
-        return MaskedBCEWithLogits(None if pw is None else pw.to(ctx.device), ctx.dist)
-    weights = (
-        class_weights(train_set.table.labels, len(ctx.table.classes)).to(ctx.device)
-        if ctx.cfg.train.class_weighting
-        else None
+        hard = MaskedBCEWithLogits(None if pw is None else pw.to(ctx.device), ctx.dist)
+    else:
+        weights = (
+            class_weights(train_set.table.labels, len(ctx.table.classes)).to(ctx.device)
+            if ctx.cfg.train.class_weighting
+            else None
+        )
+        smoothing = ctx.cfg.train.label_smoothing
+        if weights is not None and ctx.dist.enabled:
+            hard = GlobalWeightedCrossEntropy(weights, ctx.dist, label_smoothing=smoothing)
+        else:
+            hard = torch.nn.CrossEntropyLoss(weight=weights, label_smoothing=smoothing)
+    distill = ctx.cfg.distill
+    if distill is None or train_set.table.teacher_logits is None:
+        return hard
+    return DistillLoss(
+        hard, temperature=distill.temperature, alpha=distill.alpha, multilabel=multilabel
     )
-    smoothing = ctx.cfg.train.label_smoothing
-    if weights is not None and ctx.dist.enabled:
-        return GlobalWeightedCrossEntropy(weights, ctx.dist, label_smoothing=smoothing)
-    return torch.nn.CrossEntropyLoss(weight=weights, label_smoothing=smoothing)
 
 
 class GlobalWeightedCrossEntropy(torch.nn.Module):
@@ -542,15 +560,18 @@ def make_loader(
             ds, num_replicas=dist.world, rank=dist.rank, shuffle=shuffle, seed=seed, drop_last=False
         )
         sampler.set_epoch(epoch)
+    batch = check_batch(dist, cfg.train.batch_size)
+    n = len(sampler) if sampler is not None else len(ds)
     return DataLoader(
         ds,
-        batch_size=check_batch(dist, cfg.train.batch_size),
+        batch_size=batch,
         sampler=sampler,
         num_workers=cfg.data.num_workers,
         generator=g,
         worker_init_fn=worker_init,
         pin_memory=torch.cuda.is_available(),
-        drop_last=False,
+        # Batch norm cannot train on one image: a shuffled epoch drops a last batch of one.
+        drop_last=shuffle and n % batch == 1,
     )
 
 
