@@ -52,8 +52,16 @@ def inject(path: str) -> None:
         time.sleep(3600)
     if kind == "oom":
         _ = bytearray(64 * 1024**3)  # past any sane cap: MemoryError under RLIMIT_AS
-    if kind == "panic":
-        raise FakePanic("called `Option::unwrap()` on a `None` value")
+    if kind == "panic":  # inside the codec, as pylibjpeg-rle's panics are: once, then restored
+        import pydicom.pixels
+
+        original = pydicom.pixels.pixel_array
+
+        def panicking(*args: object, **kwargs: object) -> object:
+            pydicom.pixels.pixel_array = original
+            raise FakePanic("called `Option::unwrap()` on a `None` value")
+
+        pydicom.pixels.pixel_array = panicking
 
 
 def with_marker(data: bytes, kind: str) -> bytes:

@@ -143,7 +143,7 @@ def _bad_luts(ds: object, rng: random.Random) -> None:
     item = Dataset()
     item.LUTDescriptor = rng.choice([[4096, 0, 16], [0, 0, 16], [2, -5, 8], [65535, 0, 99]])
     n = rng.choice([0, 1, 2, 4096])
-    item.LUTData = [rng.randrange(65536) for _ in range(n)]
+    item.add_new((0x0028, 0x3006), "US", [rng.randrange(65536) for _ in range(n)])  # LUT Data
     setattr(ds, rng.choice(["VOILUTSequence", "ModalityLUTSequence"]), [item])
 
 

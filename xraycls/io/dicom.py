@@ -194,6 +194,15 @@ def photometric_of(ds: Any) -> str | None:
 _SAFE_DECODERS = False
 
 
+def prepare_decoders() -> None:
+    """Import pydicom's decoders and their plugins now (a decoder process does this before it
+    takes its first file, so that start-up is not counted against that file's time limit)."""
+    import pydicom.pixels  # noqa: F401
+    from PIL import Image  # noqa: F401
+
+    _prefer_safe_decoders()
+
+
 def _prefer_safe_decoders() -> None:
     """Drop python-gdcm as a *fallback* decoder.
 
@@ -263,6 +272,8 @@ def _infer_transfer_syntax(ds: Any) -> None:
 
 def _classify_decode_error(path: Path, ts: Any, e: BaseException) -> ImageReadError:
     msg = " ".join(str(e).split())
+    if not isinstance(e, Exception):  # a native panic: say so
+        msg = f"{type(e).__name__}: {msg}"
     if "less than expected" in msg or "truncat" in msg.lower():
         return TruncatedDicomError(path, f"pixel data is shorter than the header declares ({msg})")
     if ts is None:

@@ -47,6 +47,7 @@ from typing import Any
 from xraycls.errors import DecoderCrashed, DecoderTimeout, ImageReadError, ImageTooLargeError
 
 FAULT_HOOK_ENV = "XRAYCLS_DECODER_FAULT_HOOK"
+_STARTUP_S = 120.0
 _PR_SET_PDEATHSIG = 1
 
 
@@ -125,6 +126,8 @@ class _Worker:
         self.results = Connection(res_r, writable=False)
         self.task: _Task | None = None
         self.deadline = 0.0
+        self.ready = False
+        """Set when the worker has imported its decoders: its first task's clock starts then."""
 
     def last_words(self) -> str:
         """The last non-empty line the worker printed (e.g. ``terminate called after ...``)."""
@@ -322,7 +325,9 @@ class DecoderPool:
 
     def _start(self, w: _Worker, task: _Task) -> None:
         w.task = task
-        w.deadline = time.monotonic() + self.limits.timeout_s
+        # A fresh interpreter first imports its decoders (seconds on a busy machine): that
+        # start-up does not count against the file's limit.
+        w.deadline = time.monotonic() + self.limits.timeout_s + (0 if w.ready else _STARTUP_S)
         try:
             w.tasks.send((task.fn, task.path, task.args, task.kwargs))
         except (OSError, ValueError):
@@ -351,6 +356,10 @@ class DecoderPool:
                     + "; the file is skipped and the other files are decoded",
                 )
             )
+            return
+        if kind == "ready":
+            w.ready = True
+            w.deadline = time.monotonic() + self.limits.timeout_s
             return
         w.task = None
         if kind == "ok":
@@ -443,6 +452,9 @@ def _serve(task_fd: int, result_fd: int, parent: int, memory_mb: int) -> None:
     results = Connection(result_fd, readable=False)
     # Import the decoders before the cap, so that the cap measures decoding, not start-up.
     import xraycls.io.preprocess  # noqa: F401
+    from xraycls.io.dicom import prepare_decoders
+
+    prepare_decoders()
 
     with contextlib.suppress(ImportError):
         import cv2
@@ -450,6 +462,7 @@ def _serve(task_fd: int, result_fd: int, parent: int, memory_mb: int) -> None:
         cv2.setNumThreads(1)
     _cap_memory(memory_mb)
     hook = _fault_hook()
+    results.send(("ready", os.getpid()))
     while True:
         try:
             fn, path, args, kwargs = tasks.recv()
