@@ -251,35 +251,78 @@ def _predict(args: list[str], env: dict[str, str]) -> subprocess.CompletedProces
     )
 
 
-def test_mixed_folder_is_scored_in_one_run_and_a_rerun_changes_nothing(
-    tmp_path: Path, tiny_run: Path
-) -> None:
-    src = tmp_path / "src"
-    write_square_dataset(src / "png", n=4)
+def _mixed_folder(root: Path) -> tuple[Path, dict[str, str], int]:
+    """Good PNGs and DICOMs beside crashing, panicking, hanging, NaN and truncated files.
+
+    Returns the folder, the expected error code of each bad file, and the number of files.
+    """
+    src = root / "src"
+    write_square_dataset(src / "png", n=3)
     (src / "png" / "labels.csv").unlink()
     (src / "dcm").mkdir()
-    good = {"ct.dcm": "CT_small.dcm", "mr.dcm": "MR_small.dcm", "rle.dcm": "MR_small_RLE.dcm"}
-    for name, f in good.items():
+    for name, f in {"ct.dcm": "CT_small.dcm", "rle.dcm": "MR_small_RLE.dcm"}.items():
         shutil.copy(pkg_file(f), src / "dcm" / name)
-    shutil.copy(pkg_file("JPEG2000.dcm"), src / "dcm" / "j2k.dcm")
     (src / "dcm" / "wide-window.dcm").write_bytes(
         _edited(pkg_file("CT_small.dcm"), WindowWidth="1e308")
     )
-    bad = tmp_path / "src" / "bad"
+    bad = src / "bad"
     bad.mkdir()
-    for kind in ("ABORT", "SEGV", "PANIC", "HANG"):
-        shutil.copy(pkg_file("CT_small.dcm"), bad / f"XRAYCLS-FAULT-{kind}.dcm")
+    for kind in ("ABORT", "PANIC", "HANG"):
+        shutil.copy(pkg_file("MR_small.dcm"), bad / f"XRAYCLS-FAULT-{kind}.dcm")
     (bad / "nan-slope.dcm").write_bytes(_edited(pkg_file("CT_small.dcm"), RescaleSlope="NaN"))
     data = Path(pkg_file("CT_small.dcm")).read_bytes()
     (bad / "truncated.dcm").write_bytes(data[: len(data) // 2])
-    expected_errors = {
+    expected = {
         "XRAYCLS-FAULT-ABORT.dcm": "decoder_crashed",
-        "XRAYCLS-FAULT-SEGV.dcm": "decoder_crashed",
         "XRAYCLS-FAULT-PANIC.dcm": "decode_failed",
         "XRAYCLS-FAULT-HANG.dcm": "decoder_timeout",
         "nan-slope.dcm": "invalid_image",
         "truncated.dcm": "truncated",
     }
+    return src, expected, 3 + 3 + 5
+
+
+def _check_rows(rows: list[dict[str, str]], expected: dict[str, str], n: int) -> None:
+    by_name = {Path(r["path"]).name: r for r in rows}
+    assert len(rows) == len(by_name) == n  # one row per file
+    for name, code in expected.items():
+        assert by_name[name]["status"] == "error", by_name[name]
+        assert by_name[name]["error_code"] == code, by_name[name]
+    for name, r in by_name.items():
+        if name not in expected:
+            assert r["status"] == "ok", r
+            assert all(np.isfinite(float(r[k])) for k in r if k.startswith("prob_"))
+    assert "SIGABRT" in by_name["XRAYCLS-FAULT-ABORT.dcm"]["error"]
+    assert "PanicException" in by_name["XRAYCLS-FAULT-PANIC.dcm"]["error"] or (
+        "FakePanic" in by_name["XRAYCLS-FAULT-PANIC.dcm"]["error"]
+    )
+
+
+def test_mixed_folder_is_scored_and_a_rescore_changes_nothing(
+    tmp_path: Path, tiny_run: Path, faults: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from xraycls.inference.predictor import Predictor
+    from xraycls.inference.scoring import score
+
+    monkeypatch.setenv("XRAYCLS_DECODE_TIMEOUT_S", "4")
+    src, expected, n = _mixed_folder(tmp_path)
+    predictor = Predictor.from_run(tiny_run, device="cpu")
+    out = tmp_path / "res.csv"
+    s = score(src, out, run=predictor, workers=1, batch_size=4)
+    assert (s.ok, s.error) == (n - len(expected), len(expected))
+    _check_rows(_read(out), expected, n)
+    before = out.read_bytes()
+    again = score(src, out, run=predictor, workers=1, batch_size=4)
+    assert (again.ok, again.error, again.skipped) == (0, 0, n)  # nothing is retried
+    assert out.read_bytes() == before
+
+
+@pytest.mark.slow
+def test_cli_scores_a_mixed_folder_in_one_run_and_a_rerun_changes_nothing(
+    tmp_path: Path, tiny_run: Path
+) -> None:
+    """The issue's acceptance run, through the real CLI in a child process."""
+    src, expected, n = _mixed_folder(tmp_path)
     env = dict(os.environ)
     env |= {
         FAULT_HOOK_ENV: "faults:inject",
@@ -288,24 +331,65 @@ def test_mixed_folder_is_scored_in_one_run_and_a_rerun_changes_nothing(
     }
     out = tmp_path / "res.csv"
     args = [str(src), "--run", str(tiny_run), "--out", str(out), "--workers", "2"]
-    args += ["--device", "cpu"]
-    first = _predict(args, env)
-    assert first.returncode in (0, 1), first.stderr[-3000:]
+    first = _predict([*args, "--device", "cpu"], env)
+    assert first.returncode == 0, first.stderr[-3000:]
     assert "Traceback" not in first.stderr
-    rows = _read(out)
-    by_name = {Path(r["path"]).name: r for r in rows}
-    assert len(rows) == len(by_name) == 4 + 5 + 6  # one row per file
-    for name, code in expected_errors.items():
-        assert by_name[name]["status"] == "error", by_name[name]
-        assert by_name[name]["error_code"] == code, by_name[name]
-    for name, r in by_name.items():
-        if name not in expected_errors:
-            assert r["status"] == "ok", r
-            assert all(np.isfinite(float(r[k])) for k in r if k.startswith("prob_"))
-    assert "SIGABRT" in by_name["XRAYCLS-FAULT-ABORT.dcm"]["error"]
+    _check_rows(_read(out), expected, n)
     before = out.read_bytes()
-
-    second = _predict(args, env)
-    assert second.returncode == first.returncode, second.stderr[-3000:]
+    second = _predict([*args, "--device", "cpu"], env)
+    assert second.returncode == 0, second.stderr[-3000:]
     assert out.read_bytes() == before  # crashed and timed-out files are not retried
-    assert f"{len(rows)} skipped" in second.stdout + second.stderr
+    assert f"{n} skipped" in second.stdout + second.stderr
+
+
+# --------------------------------------------------------------------------- other faces
+
+
+def test_ingest_records_a_crashing_file_and_a_rerun_keeps_it(tmp_path: Path, faults: None) -> None:
+    from xraycls.io.ingest import ingest
+    from xraycls.io.preprocess import Preprocessing
+
+    src = tmp_path / "src"
+    src.mkdir()
+    shutil.copy(pkg_file("CT_small.dcm"), src / "ct.dcm")
+    shutil.copy(pkg_file("CT_small.dcm"), src / "XRAYCLS-FAULT-ABORT.dcm")
+    shutil.copy(pkg_file("MR_small.dcm"), src / "mr.dcm")
+    out = tmp_path / "out"
+    s = ingest(src, out, prep=Preprocessing(image_size=32), workers=1)
+    assert (s.ok, s.error, dict(s.errors_by_code)) == (2, 1, {"decoder_crashed": 1})
+    rows = {Path(r["path"]).name: r for r in csv.DictReader((out / "manifest.csv").open())}
+    assert "SIGABRT" in rows["XRAYCLS-FAULT-ABORT.dcm"]["error"]
+    again = ingest(src, out, prep=Preprocessing(image_size=32), workers=1)
+    assert (again.reused, again.ok, again.error) == (3, 2, 1)
+
+
+def test_training_preflight_excludes_a_crashing_file(tmp_path: Path, faults: None) -> None:
+    from xraycls.io.preprocess import Preprocessing
+    from xraycls.training.data import Table, preflight
+
+    paths = []
+    for name in ("a.dcm", "XRAYCLS-FAULT-SEGV.dcm", "b.dcm"):
+        shutil.copy(pkg_file("CT_small.dcm"), tmp_path / name)
+        paths.append(str(tmp_path / name))
+    table = Table(paths, np.array([0, 1, 0]), np.array(["p1", "p2", "p3"]), ["x", "y"])
+    kept, excluded = preflight(table, Preprocessing(image_size=32), None, workers=1)
+    assert kept.paths == [paths[0], paths[2]]
+    assert [e["path"] for e in excluded] == [paths[1]]
+    assert excluded[0]["error"].startswith("decoder_crashed:") and "SIGSEGV" in excluded[0]["error"]
+
+
+def test_viewer_upload_that_crashes_its_decoder_is_an_error_and_the_server_lives(
+    faults: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import xraycls.io.isolate as isolate
+    from xraycls.inference.analysis import decode_upload
+
+    monkeypatch.setattr(isolate, "_SHARED", None)  # a pool whose workers see the fault hook
+    data = Path(pkg_file("CT_small.dcm")).read_bytes()
+    try:
+        with pytest.raises(DecoderCrashed, match="SIGABRT"):
+            decode_upload("XRAYCLS-FAULT-ABORT.dcm", data)
+        raw = decode_upload("upload.dcm", data)  # the next upload is decoded by a new worker
+        assert raw.values.shape == (128, 128) and raw.meta.path == "upload.dcm"
+    finally:
+        isolate.shared_pool().close()
