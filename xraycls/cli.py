@@ -125,6 +125,8 @@ def ingest(
     Resumable: re-running skips files already done. Exit code 0 when the run finished, even if
     some files were errors (see the manifest's status and error columns).
     """
+    from rich.markup import escape
+
     from xraycls.io.ingest import ingest as run_ingest
     from xraycls.io.manifest import LabelsError
     from xraycls.io.preprocess import Preprocessing
@@ -145,8 +147,8 @@ def ingest(
                 retry_errors=retry_errors,
                 on_progress=lambda done, total: bar.update(task, completed=done, total=total),
             )
-        except (FileNotFoundError, ValueError, LabelsError) as e:
-            console.print(f"[red]error:[/red] {e}")
+        except (OSError, ValueError, LabelsError) as e:  # OSError: OutputError, missing SRC
+            console.print(f"[red]error:[/red] {escape(str(e))}", soft_wrap=True, highlight=False)
             raise typer.Exit(2) from e
     typer.echo(f"ingest: {summary.line()}")
 
@@ -179,13 +181,15 @@ def train(
     """
     import os
 
-    from xraycls.errors import ConfigError
+    from rich.markup import escape
+
+    from xraycls.errors import ConfigError, OutputError
     from xraycls.training.config import load_config
 
     try:
         cfg = load_config(config, set_ or [])
     except ConfigError as e:
-        console.print(f"[red]config error:[/red] {e}")
+        console.print(f"[red]config error:[/red] {escape(str(e))}", soft_wrap=True, highlight=False)
         raise typer.Exit(2) from e
     run_dir = out or Path("runs") / config.stem
     if nproc > 1:
@@ -203,8 +207,11 @@ def train(
                 progress=bar if main_rank else None,
             )
     except (ConfigError, PretrainedWeightsError) as e:
-        console.print(f"[red]error:[/red] {e}")
+        console.print(f"[red]error:[/red] {escape(str(e))}", soft_wrap=True, highlight=False)
         raise typer.Exit(2) from e
+    except OutputError as e:  # disk full mid-run: what was written is intact; re-run resumes
+        console.print(f"[red]error:[/red] {escape(str(e))}", soft_wrap=True, highlight=False)
+        raise typer.Exit(1) from e
     if not main_rank:
         return
     pooled = result.metrics["pooled_oof"]
@@ -532,6 +539,7 @@ def predict(
     cannot start (bad --run, missing INPUT, --out from other settings).
     """
     from xraycls.bundle import BundleError
+    from xraycls.errors import ConfigError
     from xraycls.inference.scoring import ScoreError, score
     from xraycls.io.manifest import LabelsError
 
@@ -554,7 +562,7 @@ def predict(
                 engine=engine.value,  # type: ignore[arg-type]
                 on_progress=lambda done, total: bar.update(task, completed=done, total=total),
             )
-        except (BundleError, LabelsError, ScoreError, OSError) as e:
+        except (BundleError, LabelsError, ScoreError, ConfigError, OSError) as e:
             from rich.markup import escape
 
             console.print(f"[red]error:[/red] {escape(str(e))}", soft_wrap=True, highlight=False)

@@ -102,5 +102,10 @@ class XrayWarning(UserWarning):
     """Something about an input was converted or guessed (multi-frame, colour, ...)."""
 
 
+class OutputError(OSError):
+    """An output location cannot be created or written (read-only, a file in the way, disk
+    full). The message names the option or file and the fix, in one line."""
+
+
 class ConfigError(ValueError):
     """A configuration value is invalid."""

@@ -16,9 +16,9 @@ import numpy as np
 
 from xraycls.errors import ImageReadError, ImageTooLargeError
 from xraycls.io.image import RawImage
+from xraycls.io.isolate import shared_pool
 from xraycls.io.ood import IntensityReference, OODCriteria, OODReport
 from xraycls.io.preprocess import Letterbox, prepare
-from xraycls.io.isolate import shared_pool
 from xraycls.io.read import load_image
 
 if TYPE_CHECKING:

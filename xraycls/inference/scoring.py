@@ -43,6 +43,7 @@ from xraycls.inference.rows import (
     score_items,
 )
 from xraycls.io.dicom import installation_salt
+from xraycls.io.files import prepare_output_dir
 from xraycls.io.manifest import read_labels
 from xraycls.io.ood import OODCriteria
 from xraycls.io.preprocess import Preprocessing
@@ -306,6 +307,10 @@ def _check_outputs(
     out = Path(out).resolve()
     if out.is_dir():
         raise ScoreError(f"--out {out} is a folder; give the results CSV's file name")
+    ingest_dir = (out.parent / "manifest.csv").is_file() and (out.parent / "ingest.json").is_file()
+    if ingest_dir and out.name in ("manifest.csv", "ingest.json"):
+        raise ScoreError(f"--out {out} is an `xraycls ingest` file; give another results CSV")
+    prepare_output_dir(out.parent, option="--out")
     cam = Path(cam_dir).resolve() if cam_dir is not None else None
     dcm = Path(dicom_out).resolve() if dicom_out is not None else None
     for name, d in (("--cam-dir", cam), ("--dicom-out", dcm)):
@@ -313,6 +318,8 @@ def _check_outputs(
             raise ScoreError(
                 f"{name} {d} lies inside the input {inputs.source}; it would be scored"
             )
+        if d is not None:
+            prepare_output_dir(d, option=name)
     if parquet:
         require_pyarrow()
     if engine == "ray" and (cam or dcm):

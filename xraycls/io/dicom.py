@@ -25,9 +25,9 @@ from xraycls.errors import (
     DicomReadError,
     ImageReadError,
     ImageTooLargeError,
+    InvalidImageError,
     NoPixelDataError,
     NotDicomError,
-    InvalidImageError,
     PixelDecodeError,
     TruncatedDicomError,
     XrayWarning,
@@ -331,7 +331,6 @@ def _padding_mask(arr: np.ndarray, ds: Any) -> np.ndarray | None:
 
 def _header_voi(ds: Any) -> Any:
     """The header's VOI as ``values -> ([0,1] array, description)``, or None."""
-    from pydicom.pixels import apply_voi
 
     seq = ds.get("VOILUTSequence")
     if seq:

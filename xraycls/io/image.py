@@ -157,9 +157,7 @@ def render(
     return image
 
 
-def _render(
-    raw: RawImage, *, window: Window, percentiles: tuple[float, float]
-) -> XrayImage:
+def _render(raw: RawImage, *, window: Window, percentiles: tuple[float, float]) -> XrayImage:
     values, meta = raw.values, raw.meta
     valid = values if raw.padding is None else values[~raw.padding]
     if valid.size == 0:  # an image that is all padding: render it black rather than fail

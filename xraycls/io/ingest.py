@@ -19,7 +19,7 @@ from pathlib import Path
 
 from xraycls.errors import ImageReadError
 from xraycls.io.dicom import installation_salt
-from xraycls.io.files import write_json_atomic
+from xraycls.io.files import output_error, prepare_output_dir, write_json_atomic
 from xraycls.io.isolate import DecoderPool
 from xraycls.io.manifest import MANIFEST_COLUMNS, Journal, read_labels, read_table, write_table
 from xraycls.io.preprocess import ImageCache, Preprocessing, preprocess_file
@@ -95,7 +95,15 @@ def ingest(
         raise FileNotFoundError(f"{src}: no such file or folder")
     if src.is_dir() and out.is_relative_to(src):
         raise ValueError(f"--out {out} lies inside the source {src}; ingest never writes there")
-    out.mkdir(parents=True, exist_ok=True)
+    if (
+        (out / "config.yaml").is_file()
+        and (out / MANIFEST).exists() is False
+        and any((out / name).exists() for name in ("labels.json", "metrics.json", "folds"))
+    ):
+        raise ValueError(
+            f"--out {out} is an `xraycls train` run folder; give ingest its own folder"
+        )
+    prepare_output_dir(out)
     cache = ImageCache(out / "cache")
     label_rows = {r["path"]: r for r in read_labels(labels)} if labels else None
     extra_cols = _extra_columns(label_rows)
@@ -126,7 +134,10 @@ def ingest(
             path = Path(row["path"])
             row["cache_path"] = os.path.relpath(row["cache_path"], out) if row["cache_path"] else ""
             row |= _label_fields(path, src, label_rows, row)
-            journal.append(row)
+            try:
+                journal.append(row)
+            except OSError as e:  # disk full mid-run: the manifest is intact, the run resumes
+                raise output_error(out / JOURNAL, e) from e
             rows[row["path"]] = row
             done += 1
             if on_progress:
@@ -204,7 +215,9 @@ def _run(
             yield process_one(str(p), prep, str(cache_root))
         return
     with DecoderPool(min(n, max(1, len(todo)))) as pool:
-        for i, out in pool.imap_unordered(process_one, [str(p) for p in todo], prep, str(cache_root)):
+        for i, out in pool.imap_unordered(
+            process_one, [str(p) for p in todo], prep, str(cache_root)
+        ):
             if isinstance(out, ImageReadError):
                 yield _failed_row(todo[i], out)
             else:

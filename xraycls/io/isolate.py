@@ -96,7 +96,8 @@ class _Worker:
     def __init__(self, limits: DecodeLimits) -> None:
         task_r, task_w = os.pipe()
         res_r, res_w = os.pipe()
-        self.log = tempfile.TemporaryFile()  # the codec's stderr: its last line names a crash
+        # The codec's stderr: its last line names a crash (closed in stop()).
+        self.log = tempfile.TemporaryFile()  # noqa: SIM115
         env = dict(os.environ)
         # One thread per decoder: the workers are the parallelism, and thread pools multiply
         # the address space that the memory cap counts.
@@ -328,10 +329,9 @@ class DecoderPool:
         # A fresh interpreter first imports its decoders (seconds on a busy machine): that
         # start-up does not count against the file's limit.
         w.deadline = time.monotonic() + self.limits.timeout_s + (0 if w.ready else _STARTUP_S)
-        try:
+        # A worker that died idle fails the send: _collect then sees EOF and reports the crash.
+        with contextlib.suppress(OSError, ValueError):
             w.tasks.send((task.fn, task.path, task.args, task.kwargs))
-        except (OSError, ValueError):
-            pass  # a worker that died idle: _collect sees EOF and reports the crash
 
     def _collect(self, w: _Worker, workers: list[_Worker]) -> None:
         task = w.task

@@ -22,8 +22,8 @@ from torch.utils.data import Dataset
 
 from xraycls.errors import ConfigError, ImageReadError
 from xraycls.evaluation.splits import grouped_subset
-from xraycls.io.manifest import LabelsError, read_labels
 from xraycls.io.isolate import DecoderPool
+from xraycls.io.manifest import LabelsError, read_labels
 from xraycls.io.preprocess import (
     ImageCache,
     Preprocessing,
