@@ -96,6 +96,8 @@ def atomic_path(path: str | Path, *, suffix: str = ".tmp") -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
         if e.errno in _WHY:
             raise output_error(path, e) from e
+        if e.errno is None and _disk_full(path.parent):  # numpy: "N requested and M written"
+            raise output_error(path, OSError(errno.ENOSPC, str(e))) from e
         raise
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -168,6 +170,14 @@ def json_safe(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     return obj
+
+
+def _disk_full(folder: Path) -> bool:
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < 1024**2
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from xraycls.errors import ImageReadError
+from xraycls.errors import ImageReadError, OutputError
 from xraycls.io.dicom import installation_salt
 from xraycls.io.files import output_error, prepare_output_dir, write_json_atomic
 from xraycls.io.isolate import DecoderPool
@@ -170,7 +170,7 @@ def process_one(path: str, prep: Preprocessing, cache_root: str) -> dict[str, st
     except ImageReadError as e:
         row["error"] = e.short()
         return row
-    except (KeyboardInterrupt, SystemExit):
+    except (KeyboardInterrupt, SystemExit, OutputError):  # the cache cannot be written: stop
         raise
     except BaseException as e:  # a decoder bug (or a native panic) must cost one row, not the batch
         row["error"] = f"internal_error: {type(e).__name__}: {e}"

@@ -44,7 +44,13 @@ from multiprocessing.connection import wait as wait_ready
 from pathlib import Path
 from typing import Any
 
-from xraycls.errors import DecoderCrashed, DecoderTimeout, ImageReadError, ImageTooLargeError
+from xraycls.errors import (
+    DecoderCrashed,
+    DecoderTimeout,
+    ImageReadError,
+    ImageTooLargeError,
+    OutputError,
+)
 
 FAULT_HOOK_ENV = "XRAYCLS_DECODER_FAULT_HOOK"
 _STARTUP_S = 120.0
@@ -472,7 +478,7 @@ def _serve(task_fd: int, result_fd: int, parent: int, memory_mb: int) -> None:
             if hook is not None:
                 hook(path)
             out: tuple[str, Any] = ("ok", fn(path, *args, **kwargs))
-        except ImageReadError as e:
+        except (ImageReadError, OutputError) as e:  # OutputError: a run-level failure (disk full)
             out = ("error", e)
         except MemoryError:
             out = (
