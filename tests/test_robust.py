@@ -393,3 +393,34 @@ def test_viewer_upload_that_crashes_its_decoder_is_an_error_and_the_server_lives
         assert raw.values.shape == (128, 128) and raw.meta.path == "upload.dcm"
     finally:
         isolate.shared_pool().close()
+
+
+def test_in_process_decoding_journals_the_file_that_killed_the_run(tmp_path: Path) -> None:
+    """``--workers 0``: the process itself dies on a file; the re-run decodes that file isolated
+    (where it crashes only its decoder: ``decoder_crashed``) and finishes the others."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("a.dcm", "b-XRAYCLS-FAULT-ABORT.dcm", "c.dcm"):
+        shutil.copy(pkg_file("CT_small.dcm"), src / name)
+    out = tmp_path / "out"
+    child = (
+        "import os, sys\n"
+        "import xraycls.io.ingest as ing\n"
+        "from xraycls.io.preprocess import Preprocessing\n"
+        "real = ing.preprocess_file\n"
+        "def dying(path, *a, **k):\n"
+        "    if 'XRAYCLS-FAULT-ABORT' in str(path): os.abort()  # a codec abort, in-process\n"
+        "    return real(path, *a, **k)\n"
+        "ing.preprocess_file = dying\n"
+        f"s = ing.ingest({str(src)!r}, {str(out)!r}, prep=Preprocessing(image_size=32), workers=0)\n"
+        "print(s.line())\n"
+    )
+    env = dict(os.environ)
+    env |= {FAULT_HOOK_ENV: "faults:inject", "PYTHONPATH": os.pathsep.join([str(TESTS), str(REPO)])}
+    first = subprocess.run([sys.executable, "-c", child], env=env, capture_output=True, text=True)
+    assert first.returncode == -signal.SIGABRT  # the whole run died, as before isolation
+    assert (out / ".decoding").exists()
+    second = subprocess.run([sys.executable, "-c", child], env=env, capture_output=True, text=True)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "2 ok, 1 error (1 decoder_crashed)" in second.stdout
+    assert not (out / ".decoding").exists()

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from xraycls.errors import ImageReadError
-from xraycls.io.isolate import DecoderPool
+from xraycls.io.isolate import DecodeJournal, DecoderPool, run_journaled
 from xraycls.io.ood import OODCriteria
 from xraycls.io.preprocess import Preprocessing, preprocess_file
 
@@ -135,17 +135,27 @@ def load_items(
     keep_original: bool = False,
     ood: OODCriteria | None = None,
     prefetch: int | None = None,
+    journal: str | Path | None = None,
 ) -> Iterator[dict[str, Any]]:
     """:func:`load_item` for many files, as they finish, each decoded in an isolated process.
 
     With ``workers`` >= 1 a :class:`~xraycls.io.isolate.DecoderPool` decodes, so a file that
     aborts, hangs or exhausts its decoder becomes that file's error item (``decoder_crashed``,
     ``decoder_timeout``) and the others are still decoded. ``workers=0`` decodes in this process
-    (no isolation; for debugging and tiny inputs).
+    (no isolation; for debugging and tiny inputs); with a ``journal`` file, a file that was being
+    decoded when an earlier run died is then decoded isolated (see
+    :class:`~xraycls.io.isolate.DecodeJournal`).
     """
     if workers <= 0:
-        for p in paths:
-            yield load_item(p, prep, keep_original=keep_original, ood=ood)
+        if journal is None:
+            for p in paths:
+                yield load_item(p, prep, keep_original=keep_original, ood=ood)
+            return
+        log = DecodeJournal(journal)
+        kw = {"keep_original": keep_original, "ood": ood}
+        for i, out in run_journaled(log, load_item, paths, prep, **kw):
+            yield error_item(paths[i], out) if isinstance(out, ImageReadError) else out
+        log.close()
         return
     with DecoderPool(workers) as pool:
         outcomes = pool.imap_unordered(

@@ -275,7 +275,12 @@ def score(
             batches = _ray_batches(todo, predictor, run=run, members=members, batch_size=batch_size)
         else:
             batches = _local_batches(
-                todo, predictor, workers=workers, batch_size=batch_size, explain=explain
+                todo,
+                predictor,
+                workers=workers,
+                batch_size=batch_size,
+                explain=explain,
+                journal=out.with_name(f".{out.name}.decoding"),
             )
         t0 = time.perf_counter()
         _record(batches, results, rows, summary, total=len(inputs.paths), on_progress=on_progress)
@@ -406,6 +411,7 @@ def _local_batches(
     workers: int | None,
     batch_size: int,
     explain: Explainer | None,
+    journal: Path | None = None,
 ) -> Iterator[list[dict[str, str]]]:
     """Rows per batch: isolated decoder processes decode while this process runs the model.
 
@@ -426,6 +432,7 @@ def _local_batches(
         keep_original=explain is not None,
         ood=predictor.ood,
         prefetch=2 * batch_size + n,
+        journal=journal,
     )
     batch: list[dict] = []
     for item in items:

@@ -20,7 +20,7 @@ from pathlib import Path
 from xraycls.errors import ImageReadError, OutputError
 from xraycls.io.dicom import installation_salt
 from xraycls.io.files import output_error, prepare_output_dir, write_json_atomic
-from xraycls.io.isolate import DecoderPool
+from xraycls.io.isolate import DecodeJournal, DecoderPool, run_journaled
 from xraycls.io.manifest import MANIFEST_COLUMNS, Journal, read_labels, read_table, write_table
 from xraycls.io.preprocess import ImageCache, Preprocessing, preprocess_file
 from xraycls.io.read import iter_image_files, read_bytes
@@ -210,9 +210,13 @@ def _run(
     isolation).
     """
     n = min(os.cpu_count() or 1, 8) if workers is None else workers
-    if n <= 0:
-        for p in todo:
-            yield process_one(str(p), prep, str(cache_root))
+    if n <= 0:  # in this process, through a journal (see DecodeJournal)
+        journal = DecodeJournal(cache_root.parent / ".decoding")
+        for i, out in run_journaled(
+            journal, process_one, [str(p) for p in todo], prep, str(cache_root)
+        ):
+            yield _failed_row(todo[i], out) if isinstance(out, ImageReadError) else out
+        journal.close()
         return
     with DecoderPool(min(n, max(1, len(todo)))) as pool:
         for i, out in pool.imap_unordered(

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -395,6 +396,82 @@ def _last_words(w: _Worker) -> str:
     with contextlib.suppress(ValueError, OSError):
         return w.last_words()
     return ""
+
+
+# --------------------------------------------------------------------------- journal
+
+
+class DecodeJournal:
+    """For decoding *in this process* (``--workers 0``): each file's path is appended and
+    fsynced before it is decoded, and marked done after. A file still open in the journal when
+    the next run starts was being decoded when the process died; that run decodes it in an
+    isolated process (:meth:`suspects`), so a file that kills its decoder is recorded as
+    ``decoder_crashed`` instead of killing every re-run at the same place. (A ``kill -9`` by the
+    user also leaves a file open: decoding it isolated once is harmless.)
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.suspects: set[str] = set()
+        try:
+            for line in self.path.read_text(encoding="utf-8").splitlines():
+                mark, _, rest = line.partition(" ")
+                try:
+                    name = json.loads(rest)
+                except ValueError:
+                    continue  # a line torn by the kill
+                if mark == "+":
+                    self.suspects.add(name)
+                elif mark == "-":
+                    self.suspects.discard(name)
+        except OSError:
+            pass
+        self._f: Any = None
+
+    @contextlib.contextmanager
+    def decoding(self, path: str) -> Iterator[None]:
+        """Record ``path`` durably before the block, and as finished after it."""
+        if self._f is None:
+            self._f = self.path.open("a", encoding="utf-8")
+        self._f.write(f"+ {json.dumps(path)}\n")
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        yield
+        self._f.write(f"- {json.dumps(path)}\n")
+        self._f.flush()
+
+    def close(self) -> None:
+        """The run finished: forget the journal."""
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+        self.path.unlink(missing_ok=True)
+
+
+def run_journaled(
+    journal: DecodeJournal, fn: Callable[..., Any], paths: Iterable[str], *args: Any, **kwargs: Any
+) -> Iterator[tuple[int, Any]]:
+    """``(index, result or ImageReadError)`` of ``fn(path, *args, **kwargs)`` in this process,
+    through ``journal``; files the journal suspects are decoded in an isolated process."""
+    pool: DecoderPool | None = None
+    try:
+        for i, p in enumerate(paths):
+            if p in journal.suspects:
+                pool = pool or DecoderPool(1)
+                try:
+                    yield i, pool.run(fn, p, *args, **kwargs)
+                except ImageReadError as e:
+                    yield i, e
+                continue
+            with journal.decoding(p):
+                try:
+                    out = fn(p, *args, **kwargs)
+                except ImageReadError as e:
+                    out = e
+            yield i, out
+    finally:
+        if pool is not None:
+            pool.close()
 
 
 # --------------------------------------------------------------------------- shared pool
