@@ -103,3 +103,82 @@ def test_mutants_are_reproducible() -> None:
     b = mutants(corpus, 30, seed=7)
     assert [m.data for m in a] == [m.data for m in b]
     assert len({m.mutation for m in a}) >= 8
+
+
+# --------------------------------------------------------------------------- property test
+
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_DS_FLOATS = st.one_of(
+    st.floats(allow_nan=True, allow_infinity=True, width=64),
+    st.sampled_from(["NaN", "inf", "-inf", "1e308", "0", "-1"]),
+)
+
+
+@st.composite
+def native_datasets(draw: st.DrawFn) -> bytes:
+    """Uncompressed DICOM data sets with arbitrary geometry, rescale, window and pixel bytes."""
+    import io
+
+    import pydicom
+    from pydicom import config
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage
+
+    rows, cols = draw(st.integers(0, 40)), draw(st.integers(0, 40))
+    bits = draw(st.sampled_from([1, 8, 12, 16, 32]))
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = SecondaryCaptureImageStorage
+    ds.Rows, ds.Columns = rows, cols
+    ds.SamplesPerPixel = draw(st.sampled_from([1, 1, 1, 3]))
+    ds.PhotometricInterpretation = draw(
+        st.sampled_from(["MONOCHROME1", "MONOCHROME2", "RGB", "PALETTE COLOR"])
+    )
+    ds.BitsAllocated = bits
+    ds.BitsStored = draw(st.integers(1, max(1, bits)))
+    ds.HighBit = ds.BitsStored - 1
+    ds.PixelRepresentation = draw(st.integers(0, 1))
+    if draw(st.booleans()):
+        ds.RescaleSlope, ds.RescaleIntercept = draw(_DS_FLOATS), draw(_DS_FLOATS)
+    if draw(st.booleans()):
+        ds.WindowCenter, ds.WindowWidth = draw(_DS_FLOATS), draw(_DS_FLOATS)
+    if draw(st.booleans()):
+        ds.NumberOfFrames = draw(st.integers(0, 3))
+    expected = rows * cols * ds.SamplesPerPixel * max(1, bits // 8)
+    n = draw(st.sampled_from([expected, expected, max(0, expected - 7), expected + 9, 0]))
+    ds.PixelData = draw(st.binary(min_size=n, max_size=n))
+    old = config.settings.writing_validation_mode
+    config.settings.writing_validation_mode = config.IGNORE
+    try:
+        buf = io.BytesIO()
+        ds.save_as(buf, enforce_file_format=True)
+    finally:
+        config.settings.writing_validation_mode = old
+    return buf.getvalue()
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(native_datasets())
+def test_read_image_keeps_its_contract_on_generated_datasets(data: bytes) -> None:
+    """Native (uncompressed) data sets only: safe to decode in this process."""
+    import math
+
+    import numpy as np
+
+    from xraycls.io.read import read_image
+
+    try:
+        img = read_image("generated.dcm", data=data)
+    except ImageReadError:
+        return
+    px = img.pixels
+    assert isinstance(px, np.ndarray) and px.ndim == 2 and px.dtype == np.float32
+    assert math.isfinite(float(px.sum(dtype=np.float64)))
+    assert float(px.min()) >= 0.0 and float(px.max()) <= 1.0

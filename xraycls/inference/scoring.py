@@ -131,16 +131,6 @@ class ScoringDataset(torch.utils.data.Dataset):
         return item
 
 
-def _as_list(batch: list[dict]) -> list[dict]:
-    return batch
-
-
-def _worker_init(_: int) -> None:
-    import cv2
-
-    cv2.setNumThreads(1)  # one decoding thread per worker: the workers are the parallelism
-
-
 def default_workers() -> int:
     """Decoding processes when not given: the CPU count, at most 8."""
     return min(os.cpu_count() or 1, 8)

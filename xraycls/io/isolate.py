@@ -37,6 +37,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass
@@ -333,6 +334,9 @@ class DecoderPool:
 
     def _start(self, w: _Worker, task: _Task) -> None:
         w.task = task
+        if w.log.tell() > 1 << 20:  # keep only what the codec prints for the current file
+            w.log.seek(0)
+            w.log.truncate()
         # A fresh interpreter first imports its decoders (seconds on a busy machine): that
         # start-up does not count against the file's limit.
         w.deadline = time.monotonic() + self.limits.timeout_s + (0 if w.ready else _STARTUP_S)
@@ -544,6 +548,7 @@ def _serve(task_fd: int, result_fd: int, parent: int, memory_mb: int) -> None:
 
         cv2.setNumThreads(1)
     _cap_memory(memory_mb)
+    warnings.simplefilter("ignore")  # notes travel in ImageMeta.warnings; stderr is for codecs
     hook = _fault_hook()
     results.send(("ready", os.getpid()))
     while True:
