@@ -424,3 +424,12 @@ def test_in_process_decoding_journals_the_file_that_killed_the_run(tmp_path: Pat
     assert second.returncode == 0, second.stderr[-2000:]
     assert "2 ok, 1 error (1 decoder_crashed)" in second.stdout
     assert not (out / ".decoding").exists()
+
+
+def test_a_decoder_that_cannot_start_fails_the_run_instead_of_every_file(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A broken installation must not turn a whole archive into ``decoder_crashed`` rows."""
+    monkeypatch.setenv(FAULT_HOOK_ENV, "no_such_module_xyz:inject")  # the worker dies at start
+    with DecoderPool(1) as pool, pytest.raises(RuntimeError, match="could not start"):
+        pool.run(read_image, pkg_file("CT_small.dcm"))

@@ -357,8 +357,14 @@ class DecoderPool:
             words = _last_words(w)
             w.stop(kill=True)
             self._replace(w, workers)
-            self.crashed += 1
             how = describe_exit(code)
+            if not w.ready:  # it died importing its decoders: the installation, not the file
+                err = RuntimeError(
+                    f"a decoder process could not start ({how}): {words or 'no message'}"
+                )
+                task.future.set_exception(err)
+                raise err from None
+            self.crashed += 1
             task.future.set_exception(
                 DecoderCrashed(
                     task.path,
