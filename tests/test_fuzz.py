@@ -38,7 +38,10 @@ def run_fuzz(corpus: list[Path], n: int, seed: int, tmp: Path) -> dict:
     peak_kib = 0
     t0 = time.perf_counter()
     limits = DecodeLimits(timeout_s=TIMEOUT_S, memory_mb=MEMORY_MB)
-    with DecoderPool(min(2, os.cpu_count() or 1), limits) as pool:
+    # The decoder processes import ``fuzz_dicom.probe`` from this folder.
+    here = Path(__file__).resolve()
+    path = os.pathsep.join([str(here.parent), str(here.parents[1])])
+    with DecoderPool(min(2, os.cpu_count() or 1), limits, env={"PYTHONPATH": path}) as pool:
         for i, out in pool.imap_unordered(probe, [str(p) for p, _ in files]):
             path, m = files[i]
             if isinstance(out, DecoderTimeout):

@@ -433,3 +433,13 @@ def test_a_decoder_that_cannot_start_fails_the_run_instead_of_every_file(
     monkeypatch.setenv(FAULT_HOOK_ENV, "no_such_module_xyz:inject")  # the worker dies at start
     with DecoderPool(1) as pool, pytest.raises(RuntimeError, match="could not start"):
         pool.run(read_image, pkg_file("CT_small.dcm"))
+
+
+def test_a_task_the_decoder_cannot_import_fails_the_run_not_the_file() -> None:
+    """A setup error (the task's function not importable in the worker) is not a crash of the
+    file: it must stop the run instead of marking every file ``decoder_crashed``."""
+    from faults import with_marker  # importable here (tests/ is on sys.path), not in the worker
+
+    pool = DecoderPool(1, env={"PYTHONPATH": str(REPO)})
+    with pool, pytest.raises(RuntimeError, match="cannot load the task"):
+        pool.run(with_marker, b"x", "abort")

@@ -101,12 +101,12 @@ class _Task:
 class _Worker:
     """One decoder process and its two pipes."""
 
-    def __init__(self, limits: DecodeLimits) -> None:
+    def __init__(self, limits: DecodeLimits, extra_env: dict[str, str] | None = None) -> None:
         task_r, task_w = os.pipe()
         res_r, res_w = os.pipe()
         # The codec's stderr: its last line names a crash (closed in stop()).
         self.log = tempfile.TemporaryFile()  # noqa: SIM115
-        env = dict(os.environ)
+        env = dict(os.environ) | (extra_env or {})
         # One thread per decoder: the workers are the parallelism, and thread pools multiply
         # the address space that the memory cap counts.
         for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
@@ -186,11 +186,19 @@ class DecoderPool:
     (the function's own, or :class:`DecoderCrashed` / :class:`DecoderTimeout`).
     """
 
-    def __init__(self, workers: int = 1, limits: DecodeLimits | None = None) -> None:
+    def __init__(
+        self,
+        workers: int = 1,
+        limits: DecodeLimits | None = None,
+        *,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        """``env``: variables set for the worker processes on top of this process's."""
         if workers < 1:
             raise ValueError(f"a decoder pool needs at least one worker, got {workers}")
         self.size = workers
         self.limits = limits or DecodeLimits.from_env()
+        self.env = env
         self.crashed = 0
         self.timed_out = 0
         self._pending: collections.deque[_Task] = collections.deque()
@@ -313,7 +321,7 @@ class DecoderPool:
                     if not task.future.set_running_or_notify_cancel():
                         continue
                     if not idle:
-                        workers.append(_Worker(self.limits))
+                        workers.append(_Worker(self.limits, self.env))
                         idle.append(workers[-1])
                     self._start(idle.pop(), task)
             busy = [w for w in workers if w.task is not None]
@@ -379,6 +387,10 @@ class DecoderPool:
             w.deadline = time.monotonic() + self.limits.timeout_s
             return
         w.task = None
+        if kind == "fatal":  # not this file's fault: fail the run loudly
+            err = RuntimeError(f"a decoder process {value}")
+            task.future.set_exception(err)
+            raise err
         if kind == "ok":
             task.future.set_result(value)
         else:
@@ -562,6 +574,9 @@ def _serve(task_fd: int, result_fd: int, parent: int, memory_mb: int) -> None:
             fn, path, args, kwargs = tasks.recv()
         except (EOFError, OSError):
             return
+        except Exception as e:  # the task's function cannot be imported here: a setup error
+            results.send(("fatal", f"cannot load the task: {type(e).__name__}: {e}"))
+            continue
         try:
             if hook is not None:
                 hook(path)
