@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,6 +13,8 @@ import pytest
 from conftest import pkg_file, write_square_dataset
 
 from xraycls.inference.scoring import score
+
+TESTS = Path(__file__).resolve().parent
 
 ray = pytest.importorskip(
     "ray.data", reason="Ray Data is not installed: pip install 'xraycls[distributed]'"
@@ -28,7 +31,14 @@ def local_ray() -> Iterator[None]:
         log_to_driver=False,
         object_store_memory=200 * 1024**2,
         # Workers must not create a patient-ID salt file in the user's home (see conftest).
-        runtime_env={"env_vars": {"XRAYCLS_SALT": "test-salt"}},
+        # The decoder fault hook (tests/faults.py) acts only on files marked for it.
+        runtime_env={
+            "env_vars": {
+                "XRAYCLS_SALT": "test-salt",
+                "XRAYCLS_DECODER_FAULT_HOOK": "faults:inject",
+                "PYTHONPATH": os.pathsep.join([str(TESTS), str(TESTS.parent)]),
+            }
+        },
     )
     yield
     ray.shutdown()
@@ -92,3 +102,17 @@ def test_ray_engine_writes_the_multilabel_schema_of_the_local_engine(
         for f in FINDINGS:
             assert x[f"dec_{f}"] == y[f"dec_{f}"] in ("0", "1")
             assert float(x[f"prob_{f}"]) == pytest.approx(float(y[f"prob_{f}"]), abs=1e-5)
+
+
+def test_ray_engine_survives_a_decoder_that_aborts(
+    tmp_path: Path, tiny_run: Path, local_ray: None
+) -> None:
+    """A file that aborts its decoder is one ``decoder_crashed`` row; the Ray workers live."""
+    src = tmp_path / "src"
+    write_square_dataset(src, n=3)
+    (src / "labels.csv").unlink()
+    shutil.copy(pkg_file("CT_small.dcm"), src / "XRAYCLS-FAULT-ABORT.dcm")
+    s = score(src, tmp_path / "ray.csv", run=tiny_run, engine="ray", batch_size=2)
+    assert (s.ok, s.error, dict(s.errors_by_code)) == (3, 1, {"decoder_crashed": 1})
+    again = score(src, tmp_path / "ray.csv", run=tiny_run, engine="ray")
+    assert again.skipped == 4

@@ -142,6 +142,8 @@ def ingest(
     Resumable: re-running skips files already done. Exit code 0 when the run finished, even if
     some files were errors (see the manifest's status and error columns).
     """
+    from rich.markup import escape
+
     from xraycls.io.ingest import ingest as run_ingest
     from xraycls.io.manifest import LabelsError
     from xraycls.io.preprocess import Preprocessing
@@ -162,8 +164,8 @@ def ingest(
                 retry_errors=retry_errors,
                 on_progress=lambda done, total: bar.update(task, completed=done, total=total),
             )
-        except (FileNotFoundError, ValueError, LabelsError) as e:
-            console.print(f"[red]error:[/red] {e}")
+        except (OSError, ValueError, LabelsError) as e:  # OSError: OutputError, missing SRC
+            console.print(f"[red]error:[/red] {escape(str(e))}", soft_wrap=True, highlight=False)
             raise typer.Exit(2) from e
     typer.echo(f"ingest: {summary.line()}")
 
@@ -194,13 +196,15 @@ def train(
     safetensors weights, labels.json, metrics.json, oof_predictions.csv and training curves.
     Under torchrun (or with --nproc N) each process trains a shard of every batch.
     """
+    from rich.markup import escape
+
     from xraycls.errors import ConfigError
     from xraycls.training.config import load_config
 
     try:
         cfg = load_config(config, set_ or [])
     except ConfigError as e:
-        console.print(f"[red]config error:[/red] {e}")
+        console.print(f"[red]config error:[/red] {escape(str(e))}", soft_wrap=True, highlight=False)
         raise typer.Exit(2) from e
     run_dir = out or Path("runs") / config.stem
     if nproc > 1:
@@ -212,7 +216,9 @@ def _train_run(cfg: Config, run_dir: Path) -> None:
     """Run a resolved training config into ``run_dir`` and print the summary line."""
     import os
 
-    from xraycls.errors import ConfigError
+    from rich.markup import escape
+
+    from xraycls.errors import ConfigError, OutputError
     from xraycls.models import PretrainedWeightsError
     from xraycls.training.crossval import run_training
 
@@ -226,8 +232,11 @@ def _train_run(cfg: Config, run_dir: Path) -> None:
                 progress=bar if main_rank else None,
             )
     except (ConfigError, PretrainedWeightsError) as e:
-        console.print(f"[red]error:[/red] {e}")
+        console.print(f"[red]error:[/red] {escape(str(e))}", soft_wrap=True, highlight=False)
         raise typer.Exit(2) from e
+    except OutputError as e:  # disk full mid-run: what was written is intact; re-run resumes
+        console.print(f"[red]error:[/red] {escape(str(e))}", soft_wrap=True, highlight=False)
+        raise typer.Exit(1) from e
     if not main_rank:
         return
     pooled = result.metrics["pooled_oof"]
@@ -611,6 +620,7 @@ def predict(
     cannot start (bad --run, missing INPUT, --out from other settings).
     """
     from xraycls.bundle import BundleError
+    from xraycls.errors import ConfigError
     from xraycls.inference.onnx_backend import ExportError
     from xraycls.inference.scoring import ScoreError, score
     from xraycls.io.manifest import LabelsError
@@ -650,7 +660,7 @@ def predict(
                 backend=backend.value,  # type: ignore[arg-type]
                 on_progress=lambda done, total: bar.update(task, completed=done, total=total),
             )
-        except (BundleError, ExportError, LabelsError, ScoreError, OSError) as e:
+        except (BundleError, ExportError, LabelsError, ScoreError, ConfigError, OSError) as e:
             from rich.markup import escape
 
             console.print(f"[red]error:[/red] {escape(str(e))}", soft_wrap=True, highlight=False)

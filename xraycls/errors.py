@@ -24,6 +24,10 @@ class ImageReadError(Exception):
         """``code: reason`` without the path, for a manifest's ``error`` column."""
         return f"{self.code}: {self.reason}"
 
+    def __reduce__(self) -> tuple[type[ImageReadError], tuple[str, str]]:
+        # Errors cross from isolated decoder processes: pickle (path, reason), not the message.
+        return (type(self), (self.path, self.reason))
+
 
 class ImageTooLargeError(ImageReadError):
     """The header declares dimensions whose decoded size exceeds the memory guard."""
@@ -73,8 +77,34 @@ class PixelDecodeError(DicomReadError):
     code = "decode_failed"
 
 
+class InvalidImageError(ImageReadError):
+    """The decoder returned something that is not an image: non-finite values (a NaN rescale
+    slope, a 1e308 window) or not a 2-D array (Rows/Columns disagreeing with the pixel data)."""
+
+    code = "invalid_image"
+
+
+class DecoderCrashed(ImageReadError):
+    """The decoder process died on this file (a native abort, a segfault, a Rust panic that could
+    not be caught, or the memory cap). Only this file is lost; it is not decoded again."""
+
+    code = "decoder_crashed"
+
+
+class DecoderTimeout(ImageReadError):
+    """Decoding this file took longer than the per-file wall-clock limit (a hang, a read that
+    blocks); the decoder was killed and replaced."""
+
+    code = "decoder_timeout"
+
+
 class XrayWarning(UserWarning):
     """Something about an input was converted or guessed (multi-frame, colour, ...)."""
+
+
+class OutputError(OSError):
+    """An output location cannot be created or written (read-only, a file in the way, disk
+    full). The message names the option or file and the fix, in one line."""
 
 
 class ConfigError(ValueError):

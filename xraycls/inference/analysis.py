@@ -16,6 +16,7 @@ import numpy as np
 
 from xraycls.errors import ImageReadError, ImageTooLargeError
 from xraycls.io.image import RawImage
+from xraycls.io.isolate import shared_pool
 from xraycls.io.ood import IntensityReference, OODCriteria, OODReport
 from xraycls.io.preprocess import Letterbox, prepare
 from xraycls.io.read import load_image
@@ -83,13 +84,18 @@ def decode_upload(
     """Decode an uploaded file from its bytes in memory (DICOM with or without extension, PNG,
     JPEG): the size cap, then the decoder's pixel-count guard before any pixel is decoded.
 
+    The decoding runs in the server's isolated decoder process
+    (:func:`~xraycls.io.isolate.shared_pool`): an upload that aborts or hangs a codec is this
+    upload's error (``decoder_crashed`` / ``decoder_timeout``); the server lives on.
+
     Raises:
         ImageReadError: Any failure; the message names the upload and says why.
     """
     check_upload_size(name, len(data), max_mb=max_mb)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # notes travel in meta.warnings
-        return load_image(name, data=data, max_pixels=max_pixels)
+        raw: RawImage = shared_pool().run(load_image, name, data=data, max_pixels=max_pixels)
+    return raw
 
 
 def analyse(

@@ -18,14 +18,23 @@ from typing import Any
 
 import numpy as np
 
-from xraycls.inference.rows import ScoreError, load_item, result_columns, score_items
+from xraycls.errors import ImageReadError
+from xraycls.inference.rows import ScoreError, error_item, load_item, result_columns, score_items
+from xraycls.io.isolate import shared_pool
 from xraycls.io.ood import OODCriteria
 from xraycls.io.preprocess import Preprocessing
 
 
 def _load(row: dict[str, Any], prep: Preprocessing, ood: OODCriteria | None) -> dict[str, Any]:
-    """One file -> a fixed-schema record (zeros for the pixels of a file that failed)."""
-    item = load_item(row["path"], prep, ood=ood)
+    """One file -> a fixed-schema record (zeros for the pixels of a file that failed).
+
+    The file is decoded in this Ray worker's isolated decoder process (:func:`shared_pool`), so
+    a codec abort or hang is this file's error row, not a dead Ray worker whose task Ray retries
+    until the whole dataset fails."""
+    try:
+        item = shared_pool().run(load_item, row["path"], prep, ood=ood)
+    except ImageReadError as e:  # DecoderCrashed, DecoderTimeout
+        item = error_item(row["path"], e)
     ok = item["pixels"] is not None
     return {
         "path": row["path"],

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from xraycls.inference.rows import ScoreError
-from xraycls.io.files import atomic_path, write_json_atomic
+from xraycls.io.files import atomic_path, output_error, write_json_atomic
 from xraycls.io.manifest import write_table
 
 RETRIED_ERRORS = frozenset({"internal_error"})
@@ -114,9 +114,12 @@ class ResultsFile:
         assert self._f is not None, "start() first"
         buf = io.StringIO()
         csv.DictWriter(buf, fieldnames=self.columns, extrasaction="ignore").writerows(rows)
-        self._f.write(buf.getvalue())
-        self._f.flush()
-        os.fsync(self._f.fileno())
+        try:
+            self._f.write(buf.getvalue())
+            self._f.flush()
+            os.fsync(self._f.fileno())
+        except OSError as e:  # disk full: earlier rows are intact; a torn tail is cut on resume
+            raise output_error(self.path, e) from e
 
     def finish(self, rows: Iterable[Mapping[str, object]]) -> None:
         """Close and rewrite the file atomically with ``rows`` (input order)."""

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from xraycls.errors import ImageReadError
+from xraycls.io.isolate import DecodeJournal, DecoderPool, run_journaled
 from xraycls.io.ood import OODCriteria
 from xraycls.io.preprocess import Preprocessing, preprocess_file
 
@@ -78,18 +79,7 @@ def load_item(
         ``error_code`` (empty when fine) and ``decode_s``.
     """
     t0 = time.perf_counter()
-    item: dict[str, Any] = {
-        "path": str(path),
-        "pixels": None,
-        "letterbox": None,
-        "original": None,
-        "format": "",
-        "sop_instance_uid": "",
-        "ood": "",
-        "ood_reasons": "",
-        "error": "",
-        "error_code": "",
-    }
+    item = _empty_item(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # conversions do not change a prediction's validity
@@ -105,13 +95,78 @@ def load_item(
         item |= {"ood": "flagged" if report.flagged else "ok", "ood_reasons": report.reasons()}
     except ImageReadError as e:
         item |= {"error": e.short(), "error_code": e.code}
-    except Exception as e:  # a decoder bug must cost one row, not the run
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:  # a decoder bug (or a native panic) must cost one row, not the run
         item |= {
             "error": f"internal_error: {type(e).__name__}: {e}",
             "error_code": "internal_error",
         }
     item["decode_s"] = time.perf_counter() - t0
     return item
+
+
+def _empty_item(path: str | Path) -> dict[str, Any]:
+    return {
+        "path": str(path),
+        "pixels": None,
+        "letterbox": None,
+        "original": None,
+        "format": "",
+        "sop_instance_uid": "",
+        "ood": "",
+        "ood_reasons": "",
+        "error": "",
+        "error_code": "",
+    }
+
+
+def error_item(path: str | Path, error: ImageReadError, seconds: float = 0.0) -> dict[str, Any]:
+    """The scoring item of a file whose decoding failed outside :func:`load_item` (its decoder
+    process crashed or timed out: :class:`~xraycls.errors.DecoderCrashed`, ...)."""
+    return _empty_item(path) | {
+        "error": error.short(),
+        "error_code": error.code,
+        "decode_s": seconds,
+    }
+
+
+def load_items(
+    paths: list[str],
+    prep: Preprocessing,
+    *,
+    workers: int,
+    keep_original: bool = False,
+    ood: OODCriteria | None = None,
+    prefetch: int | None = None,
+    journal: str | Path | None = None,
+) -> Iterator[dict[str, Any]]:
+    """:func:`load_item` for many files, as they finish, each decoded in an isolated process.
+
+    With ``workers`` >= 1 a :class:`~xraycls.io.isolate.DecoderPool` decodes, so a file that
+    aborts, hangs or exhausts its decoder becomes that file's error item (``decoder_crashed``,
+    ``decoder_timeout``) and the others are still decoded. ``workers=0`` decodes in this process
+    (no isolation; for debugging and tiny inputs); with a ``journal`` file, a file that was being
+    decoded when an earlier run died is then decoded isolated (see
+    :class:`~xraycls.io.isolate.DecodeJournal`).
+    """
+    if workers <= 0:
+        if journal is None:
+            for p in paths:
+                yield load_item(p, prep, keep_original=keep_original, ood=ood)
+            return
+        log = DecodeJournal(journal)
+        kw = {"keep_original": keep_original, "ood": ood}
+        for i, out in run_journaled(log, load_item, paths, prep, **kw):
+            yield error_item(paths[i], out) if isinstance(out, ImageReadError) else out
+        log.close()
+        return
+    with DecoderPool(workers) as pool:
+        outcomes = pool.imap_unordered(
+            load_item, paths, prep, keep_original=keep_original, ood=ood, prefetch=prefetch
+        )
+        for i, out in outcomes:
+            yield error_item(paths[i], out) if isinstance(out, ImageReadError) else out
 
 
 def _fmt(x: float) -> str:

@@ -1,14 +1,16 @@
 """``xraycls predict``: score a file, a folder or a manifest into a resumable results CSV.
 
-Streaming: a torch ``DataLoader`` decodes and preprocesses files in worker processes while this
-process runs the model; each batch's rows are appended to the CSV, flushed and fsynced, so a
-``kill -9`` at any moment loses at most the batch in flight. Resuming, torn lines and settings:
-:mod:`xraycls.inference.results`. One file to one row: :mod:`xraycls.inference.rows`.
+Streaming: isolated decoder processes (:class:`~xraycls.io.isolate.DecoderPool`) decode and
+preprocess files while this process runs the model; each batch's rows are appended to the CSV,
+flushed and fsynced, so a ``kill -9`` at any moment loses at most the batch in flight. Resuming,
+torn lines and settings: :mod:`xraycls.inference.results`. One file to one row:
+:mod:`xraycls.inference.rows`.
 
-Per-file errors: the dataset's ``__getitem__`` turns every exception of reading a file into that
-file's error row, so one bad file never kills a worker or stops the batch. Workers are spawned,
-not forked (see :func:`_local_batches`): a script that calls :func:`score` with workers needs
-the usual ``if __name__ == "__main__":`` guard.
+Per-file errors: :func:`~xraycls.inference.rows.load_item` turns every exception of reading a
+file into that file's error row, and a decoder process that aborts (a native codec crash), hangs
+past the per-file limit or exceeds its memory cap is replaced, its file becoming a
+``decoder_crashed`` / ``decoder_timeout`` row; so one bad file never stops the batch. The decoder
+processes are fresh interpreters that die with this process (no ``__main__`` guard needed).
 """
 
 from __future__ import annotations
@@ -33,8 +35,15 @@ from xraycls.inference.results import (
     require_pyarrow,
     write_parquet,
 )
-from xraycls.inference.rows import ScoreError, load_item, result_columns, score_items
+from xraycls.inference.rows import (
+    ScoreError,
+    load_item,
+    load_items,
+    result_columns,
+    score_items,
+)
 from xraycls.io.dicom import installation_salt
+from xraycls.io.files import prepare_output_dir
 from xraycls.io.manifest import read_labels
 from xraycls.io.ood import OODCriteria
 from xraycls.io.preprocess import Preprocessing
@@ -121,16 +130,6 @@ class ScoringDataset(torch.utils.data.Dataset):
             if item[k] is not None:
                 item[k] = torch.from_numpy(item[k])
         return item
-
-
-def _as_list(batch: list[dict]) -> list[dict]:
-    return batch
-
-
-def _worker_init(_: int) -> None:
-    import cv2
-
-    cv2.setNumThreads(1)  # one decoding thread per worker: the workers are the parallelism
 
 
 def default_workers() -> int:
@@ -280,7 +279,12 @@ def score(
             batches = _ray_batches(todo, predictor, run=run, members=members, batch_size=batch_size)
         else:
             batches = _local_batches(
-                todo, predictor, workers=workers, batch_size=batch_size, explain=explain
+                todo,
+                predictor,
+                workers=workers,
+                batch_size=batch_size,
+                explain=explain,
+                journal=out.with_name(f".{out.name}.decoding"),
             )
         t0 = time.perf_counter()
         _record(batches, results, rows, summary, total=len(inputs.paths), on_progress=on_progress)
@@ -312,6 +316,10 @@ def _check_outputs(
     out = Path(out).resolve()
     if out.is_dir():
         raise ScoreError(f"--out {out} is a folder; give the results CSV's file name")
+    ingest_dir = (out.parent / "manifest.csv").is_file() and (out.parent / "ingest.json").is_file()
+    if ingest_dir and out.name in ("manifest.csv", "ingest.json"):
+        raise ScoreError(f"--out {out} is an `xraycls ingest` file; give another results CSV")
+    prepare_output_dir(out.parent, option="--out")
     cam = Path(cam_dir).resolve() if cam_dir is not None else None
     dcm = Path(dicom_out).resolve() if dicom_out is not None else None
     for name, d in (("--cam-dir", cam), ("--dicom-out", dcm)):
@@ -319,6 +327,8 @@ def _check_outputs(
             raise ScoreError(
                 f"{name} {d} lies inside the input {inputs.source}; it would be scored"
             )
+        if d is not None:
+            prepare_output_dir(d, option=name)
     if parquet:
         require_pyarrow()
     if dcm is not None:
@@ -413,39 +423,47 @@ def _local_batches(
     workers: int | None,
     batch_size: int,
     explain: Explainer | None,
+    journal: Path | None = None,
 ) -> Iterator[list[dict[str, str]]]:
-    """Rows per batch: DataLoader workers decode while this process runs the model."""
+    """Rows per batch: isolated decoder processes decode while this process runs the model.
+
+    Decoding runs in a :class:`~xraycls.io.isolate.DecoderPool` (fresh interpreters, replaced
+    when one dies, a wall-clock limit and a memory cap per file), so a file that aborts a codec
+    is one ``decoder_crashed`` row. Files are queued two batches ahead, so the decoders work
+    while the model runs; rows reach the CSV in completion order (it is rewritten in input
+    order at the end).
+    """
     if not todo:
         return
     n = default_workers() if workers is None else max(0, workers)
-    dataset = ScoringDataset(
+    keys = dict(todo)
+    items = load_items(
         [p for p, _ in todo],
         predictor.prep,
+        workers=n,
         keep_original=explain is not None,
         ood=predictor.ood,
+        prefetch=2 * batch_size + n,
+        journal=journal,
     )
-    loader = torch.utils.data.DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=False,
-        num_workers=n,
-        collate_fn=_as_list,
-        worker_init_fn=_worker_init if n else None,
-        prefetch_factor=2 if n else None,
-        # Fresh worker processes: a fork inherits the state of this process's thread pools
-        # (OpenCV, OpenMP), and a fork taken while one was busy (e.g. after CAM overlays in a
-        # long-lived process) deadlocked the child. Costs one interpreter start per worker.
-        multiprocessing_context="spawn" if n else None,
-    )
-    start = 0
-    for items in loader:
-        for it, (_, (size, mtime)) in zip(items, todo[start : start + len(items)], strict=True):
-            it["size_bytes"], it["mtime_ns"] = size, mtime
-        start += len(items)
-        rows, preds = score_items(predictor, items)
-        if explain is not None:
-            extra = explain(items, preds, rows) / max(1, sum(p is not None for p in preds))
-            for r, p in zip(rows, preds, strict=True):
-                if p is not None:
-                    r["seconds"] = f"{float(r['seconds']) + extra:.4f}"
-        yield rows
+    batch: list[dict] = []
+    for item in items:
+        item["size_bytes"], item["mtime_ns"] = keys[item["path"]]
+        batch.append(item)
+        if len(batch) == batch_size:
+            yield _score_batch(predictor, batch, explain)
+            batch = []
+    if batch:
+        yield _score_batch(predictor, batch, explain)
+
+
+def _score_batch(
+    predictor: Predictor, items: list[dict], explain: Explainer | None
+) -> list[dict[str, str]]:
+    rows, preds = score_items(predictor, items)
+    if explain is not None:
+        extra = explain(items, preds, rows) / max(1, sum(p is not None for p in preds))
+        for r, p in zip(rows, preds, strict=True):
+            if p is not None:
+                r["seconds"] = f"{float(r['seconds']) + extra:.4f}"
+    return rows

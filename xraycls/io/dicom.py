@@ -14,6 +14,7 @@ import math
 import os
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from xraycls.errors import (
     DicomReadError,
     ImageReadError,
     ImageTooLargeError,
+    InvalidImageError,
     NoPixelDataError,
     NotDicomError,
     PixelDecodeError,
@@ -87,6 +89,12 @@ def _decode_dataset(path: Path, ds: Any, *, max_pixels: int) -> RawImage:
                 f"the header declares a {ds.Rows}x{ds.Columns} image but there is no Pixel Data "
                 "element: the file is probably truncated",
             )
+        if sop and "Image Storage" in sop and "DirectoryRecordSequence" not in ds:
+            raise TruncatedDicomError(
+                path,
+                f"the file's SOP class is {sop} but it ends before its Pixel Data element: the "
+                "file is probably truncated",
+            )
         what = f" ({sop})" if sop else ""
         raise NoPixelDataError(path, f"DICOM object without pixel data{what}: not an image")
 
@@ -114,14 +122,26 @@ def _decode_dataset(path: Path, ds: Any, *, max_pixels: int) -> RawImage:
     if frames > 1:
         notes.append(f"multi-frame ({frames} frames): using the first frame")
     ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+    _prefer_safe_decoders()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             arr = pixel_array(ds, index=0 if frames > 1 else None)
-    except Exception as e:  # decoders raise RuntimeError, ValueError, NotImplementedError, ...
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except MemoryError as e:
+        raise ImageTooLargeError(path, "out of memory while decoding the pixel data") from e
+    except BaseException as e:  # RuntimeError, ValueError, ... and Rust panics (BaseException)
         raise _classify_decode_error(path, ts, e) from e
+    expected = (rows, cols, spp) if spp > 1 else (rows, cols)
+    if arr.shape[: len(expected)] != expected and photometric_of(ds) != "PALETTE COLOR":
+        raise InvalidImageError(
+            path,
+            f"decoded pixel data has shape {'x'.join(map(str, arr.shape))}, but the header "
+            f"declares Rows={rows}, Columns={cols}, SamplesPerPixel={spp}",
+        )
 
-    photometric = str(ds.get("PhotometricInterpretation", "") or "").upper().strip() or None
+    photometric = photometric_of(ds)
     padding = None
     invert = False
     voi = None
@@ -166,6 +186,49 @@ def _decode_dataset(path: Path, ds: Any, *, max_pixels: int) -> RawImage:
     return RawImage(values=values, meta=meta, padding=padding, invert=invert, voi=voi)
 
 
+def photometric_of(ds: Any) -> str | None:
+    """The data set's PhotometricInterpretation, upper-case, or None."""
+    return str(ds.get("PhotometricInterpretation", "") or "").upper().strip() or None
+
+
+_SAFE_DECODERS = False
+
+
+def prepare_decoders() -> None:
+    """Import pydicom's decoders and their plugins now (a decoder process does this before it
+    takes its first file, so that start-up is not counted against that file's time limit)."""
+    import pydicom.pixels  # noqa: F401
+    from PIL import Image  # noqa: F401
+
+    _prefer_safe_decoders()
+
+
+def _prefer_safe_decoders() -> None:
+    """Drop python-gdcm as a *fallback* decoder.
+
+    pydicom tries every available plugin in turn; when pylibjpeg fails on a malformed stream it
+    falls back to python-gdcm, which answers some malformed files (a YBR_FULL_422 JPEG 2000,
+    Rows 32768 on JPEG-LS) with a C++ exception that aborts the whole process. gdcm stays only for
+    transfer syntaxes that no other installed plugin decodes.
+    """
+    global _SAFE_DECODERS
+    if _SAFE_DECODERS:
+        return
+    _SAFE_DECODERS = True
+    try:
+        from pydicom.pixels.decoders.base import _PIXEL_DATA_DECODERS
+    except ImportError:
+        return
+    for entry in _PIXEL_DATA_DECODERS.values():
+        decoder = entry[0] if isinstance(entry, tuple) else entry
+        try:
+            others = [p for p in decoder.available_plugins if p != "gdcm"]
+            if "gdcm" in decoder.available_plugins and others:
+                decoder.remove_plugin("gdcm")
+        except (AttributeError, ValueError):
+            continue
+
+
 _AGE_UNITS = {"D": 1 / 365.25, "W": 7 / 365.25, "M": 1 / 12, "Y": 1.0}
 
 
@@ -207,8 +270,10 @@ def _infer_transfer_syntax(ds: Any) -> None:
         meta.TransferSyntaxUID = uid.ExplicitVRLittleEndian if little else uid.ExplicitVRBigEndian
 
 
-def _classify_decode_error(path: Path, ts: Any, e: Exception) -> ImageReadError:
+def _classify_decode_error(path: Path, ts: Any, e: BaseException) -> ImageReadError:
     msg = " ".join(str(e).split())
+    if not isinstance(e, Exception):  # a native panic: say so
+        msg = f"{type(e).__name__}: {msg}"
     if "less than expected" in msg or "truncat" in msg.lower():
         return TruncatedDicomError(path, f"pixel data is shorter than the header declares ({msg})")
     if ts is None:
@@ -266,32 +331,59 @@ def _padding_mask(arr: np.ndarray, ds: Any) -> np.ndarray | None:
 
 def _header_voi(ds: Any) -> Any:
     """The header's VOI as ``values -> ([0,1] array, description)``, or None."""
-    from pydicom.pixels import apply_voi
 
     seq = ds.get("VOILUTSequence")
     if seq:
-        item = seq[0]
-        lut = np.asarray(item.LUTData, dtype=np.float32)
+        lut = np.asarray(seq[0].LUTData, dtype=np.float32)
         lo, hi = float(lut.min()), float(lut.max())
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            raise ValueError("the VOI LUT sequence holds non-finite values")
+        # Only what applying the LUT needs, so that the image pickles small (decoder processes).
+        from pydicom.dataset import Dataset
 
-        def lut_voi(values: np.ndarray) -> tuple[np.ndarray, str]:
-            # Many LUTs declare 16 output bits but use 12: scale by the data's own range.
-            # LUT inputs are integers; pydicom warns (rightly) on float input.
-            out = np.asarray(apply_voi(np.rint(values).astype(np.int64), ds, index=0), np.float32)
-            return linear(out, lo, hi), "VOI LUT sequence"
-
-        return lut_voi
+        part = Dataset()
+        for kw in ("VOILUTSequence", "PixelRepresentation", "BitsStored", "BitsAllocated"):
+            if kw in ds:
+                setattr(part, kw, ds[kw].value)
+        return LutVOI(part, lo, hi)
     win = _first_window(ds)
     if win is None:
         return None
     center, width = win
     function = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR").upper()
+    return WindowVOI(center, width, function)
 
-    def window_voi(values: np.ndarray) -> tuple[np.ndarray, str]:
-        suffix = "" if function == "LINEAR" else f" {function}"
-        return apply_window(values, center, width, function), f"window {center:g}/{width:g}{suffix}"
 
-    return window_voi
+@dataclass(frozen=True)
+class WindowVOI:
+    """The header's first window as a VOI transform (picklable)."""
+
+    center: float
+    width: float
+    function: str = "LINEAR"
+
+    def __call__(self, values: np.ndarray) -> tuple[np.ndarray, str]:
+        suffix = "" if self.function == "LINEAR" else f" {self.function}"
+        out = apply_window(values, self.center, self.width, self.function)
+        return out, f"window {self.center:g}/{self.width:g}{suffix}"
+
+
+@dataclass(frozen=True)
+class LutVOI:
+    """The header's VOI LUT sequence as a VOI transform (picklable)."""
+
+    ds: Any
+    lo: float
+    hi: float
+
+    def __call__(self, values: np.ndarray) -> tuple[np.ndarray, str]:
+        from pydicom.pixels import apply_voi
+
+        # Many LUTs declare 16 output bits but use 12: scale by the data's own range.
+        # LUT inputs are integers; pydicom warns (rightly) on float input.
+        ints = np.rint(values).astype(np.int64)
+        out = np.asarray(apply_voi(ints, self.ds, index=0), np.float32)
+        return linear(out, self.lo, self.hi), "VOI LUT sequence"
 
 
 def _first_window(ds: Any) -> tuple[float, float] | None:
@@ -303,7 +395,8 @@ def _first_window(ds: Any) -> tuple[float, float] | None:
         w = float(w[0] if _is_multi(w) else w)
     except (TypeError, ValueError, IndexError):
         return None
-    if not (math.isfinite(c) and math.isfinite(w)) or w <= 0:
+    # A window outside float32's range (WindowWidth 1e308) would render NaN: ignore it as unusable.
+    if not (math.isfinite(c) and math.isfinite(w)) or w <= 0 or max(abs(c), w) > 1e30:
         return None
     return c, w
 

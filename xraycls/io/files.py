@@ -8,6 +8,7 @@ at any point removes the temporary file and leaves the target as it was.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -19,6 +20,51 @@ from typing import IO, Any
 
 import numpy as np
 
+from xraycls.errors import OutputError
+
+_WHY = {
+    errno.ENOSPC: "the disk is full; free space and re-run (the run resumes where it stopped)",
+    errno.EDQUOT: "the disk quota is exceeded; free space and re-run",
+    errno.EROFS: "the file system is read-only; choose a writable location",
+    errno.EACCES: "permission denied; choose a location you can write to",
+    errno.EPERM: "permission denied; choose a location you can write to",
+}
+
+
+def output_error(path: str | Path, e: OSError, what: str = "cannot write") -> OutputError:
+    """A one-line :class:`OutputError` for a failed write: the file, the reason and the fix."""
+    why = _WHY.get(e.errno or 0) or (e.strerror or str(e))
+    err = OutputError(f"{path}: {what}: {why}")
+    err.errno = e.errno
+    return err
+
+
+def prepare_output_dir(path: str | Path, *, option: str = "--out") -> Path:
+    """Create a folder that will receive outputs (with its parents) and check that it is
+    writable, before any work starts.
+
+    Raises:
+        OutputError: A file is in the way, the location is read-only or not permitted; the
+            message names the option, the path and the fix.
+    """
+    p = Path(path)
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError) as e:
+        blocker = next((a for a in [p, *p.parents] if a.exists() and not a.is_dir()), p)
+        raise OutputError(
+            f"{option} {p}: {blocker} is a file, not a folder; give a folder path"
+        ) from e
+    except OSError as e:
+        raise output_error(f"{option} {p}", e, "cannot create the folder") from e
+    try:
+        fd, name = tempfile.mkstemp(dir=p, prefix=".xraycls-write-check.")
+        os.close(fd)
+        os.unlink(name)
+    except OSError as e:
+        raise output_error(f"{option} {p}", e, "cannot write there") from e
+    return p
+
 
 @contextmanager
 def atomic_path(path: str | Path, *, suffix: str = ".tmp") -> Iterator[Path]:
@@ -29,8 +75,11 @@ def atomic_path(path: str | Path, *, suffix: str = ".tmp") -> Iterator[Path]:
     umask), not ``mkstemp``'s private 0600, so results stay readable by colleagues and viewers.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    except OSError as e:
+        raise output_error(path, e) from e
     tmp = Path(name)
     try:
         os.fchmod(fd, 0o666 & ~_umask())
@@ -40,6 +89,16 @@ def atomic_path(path: str | Path, *, suffix: str = ".tmp") -> Iterator[Path]:
             os.fsync(f.fileno())
         os.replace(tmp, path)
         _fsync_dir(path.parent)
+    except OutputError:
+        tmp.unlink(missing_ok=True)
+        raise
+    except OSError as e:  # disk full, quota, a file system gone read-only: the target is intact
+        tmp.unlink(missing_ok=True)
+        if e.errno in _WHY:
+            raise output_error(path, e) from e
+        if e.errno is None and _disk_full(path.parent):  # numpy: "N requested and M written"
+            raise output_error(path, OSError(errno.ENOSPC, str(e))) from e
+        raise
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -111,6 +170,14 @@ def json_safe(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     return obj
+
+
+def _disk_full(folder: Path) -> bool:
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < 1024**2
 
 
 def _fsync_dir(folder: Path) -> None:

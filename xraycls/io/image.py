@@ -8,10 +8,16 @@ centre/width (torchxrayvision's ``read_xray_dcm`` does this) renders nonsense.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+
+from xraycls.errors import ImageReadError, ImageTooLargeError, InvalidImageError
 
 WindowMode = Literal["auto", "header", "none", "percentile"]
 """How to map modality values to [0, 1].
@@ -85,13 +91,73 @@ class XrayImage:
     meta: ImageMeta
 
 
+_PASS_THROUGH = (KeyboardInterrupt, SystemExit, GeneratorExit)
+
+
+@contextmanager
+def decoding(path: str | Path) -> Iterator[None]:
+    """Turn anything a decoder raises into an :class:`ImageReadError` naming ``path``.
+
+    Native plugins raise more than ``Exception``: a Rust panic (pyo3's ``PanicException``)
+    derives from ``BaseException`` and would escape every ``except Exception``. Only
+    ``KeyboardInterrupt``, ``SystemExit`` and ``GeneratorExit`` pass through.
+    """
+    try:
+        yield
+    except (ImageReadError, *_PASS_THROUGH):
+        raise
+    except MemoryError as e:
+        raise ImageTooLargeError(path, "out of memory while decoding") from e
+    except BaseException as e:
+        msg = " ".join(str(e).split())[:300]
+        raise ImageReadError(path, f"the decoder failed: {type(e).__name__}: {msg}") from e
+
+
+def check_values(raw: RawImage) -> RawImage:
+    """Refuse decoded values that are not a finite 2-D image (see :class:`InvalidImageError`)."""
+    v, path = raw.values, raw.meta.path
+    if not isinstance(v, np.ndarray) or v.ndim != 2 or v.size == 0:
+        shape = "x".join(map(str, getattr(v, "shape", ()))) or "no array"
+        raise InvalidImageError(
+            path,
+            f"decoded pixel data has shape {shape}, not a 2-D image (the header's Rows, Columns, "
+            "SamplesPerPixel or NumberOfFrames disagree with the pixel data)",
+        )
+    # The float64 sum of float32 values cannot overflow, so it is finite iff every value is.
+    if not math.isfinite(float(np.sum(v, dtype=np.float64))):
+        bad = int(np.count_nonzero(~np.isfinite(v)))
+        raise InvalidImageError(
+            path,
+            f"{bad:,} of {v.size:,} pixel values are NaN or infinite after the Modality LUT "
+            "(check RescaleSlope/RescaleIntercept or the Modality LUT)",
+        )
+    return raw
+
+
 def render(
     raw: RawImage,
     *,
     window: Window = "auto",
     percentiles: tuple[float, float] = DEFAULT_PERCENTILES,
 ) -> XrayImage:
-    """Map modality values to float32 [0, 1] (bright = dense). See :data:`WindowMode`."""
+    """Map modality values to float32 [0, 1] (bright = dense). See :data:`WindowMode`.
+
+    Raises:
+        InvalidImageError: The window (e.g. a width of 1e308) gives non-finite pixels.
+        ImageReadError: The header's VOI cannot be applied (a malformed VOI LUT).
+    """
+    with decoding(raw.meta.path):
+        image = _render(raw, window=window, percentiles=percentiles)
+    if not math.isfinite(float(np.sum(image.pixels, dtype=np.float64))):
+        raise InvalidImageError(
+            raw.meta.path,
+            f"the window ({image.meta.window_applied}) gives NaN or infinite pixels; the "
+            "header's window values are unusable",
+        )
+    return image
+
+
+def _render(raw: RawImage, *, window: Window, percentiles: tuple[float, float]) -> XrayImage:
     values, meta = raw.values, raw.meta
     valid = values if raw.padding is None else values[~raw.padding]
     if valid.size == 0:  # an image that is all padding: render it black rather than fail

@@ -14,13 +14,13 @@ import time
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from xraycls.errors import ImageReadError
+from xraycls.errors import ImageReadError, OutputError
 from xraycls.io.dicom import installation_salt
-from xraycls.io.files import write_json_atomic
+from xraycls.io.files import output_error, prepare_output_dir, write_json_atomic
+from xraycls.io.isolate import DecodeJournal, DecoderPool, run_journaled
 from xraycls.io.manifest import MANIFEST_COLUMNS, Journal, read_labels, read_table, write_table
 from xraycls.io.preprocess import ImageCache, Preprocessing, preprocess_file
 from xraycls.io.read import iter_image_files, read_bytes
@@ -79,7 +79,8 @@ def ingest(
         prep: Preprocessing (size, resize mode, window). Default: 1024², letterbox, auto window.
         labels: A labels CSV (``path,label[,patient_id,...]``, paths relative to the CSV). Without
             it a file's label is its parent folder's name (none for files directly in ``src``).
-        workers: Decoding processes (default: CPU count, at most 8). 1 decodes in this process.
+        workers: Isolated decoding processes (default: CPU count, at most 8); 0 decodes in this
+            process (no isolation from codec crashes).
         retry_errors: Decode files again whose earlier row is an error.
         on_progress: Called with (done, total) after each file.
 
@@ -94,7 +95,15 @@ def ingest(
         raise FileNotFoundError(f"{src}: no such file or folder")
     if src.is_dir() and out.is_relative_to(src):
         raise ValueError(f"--out {out} lies inside the source {src}; ingest never writes there")
-    out.mkdir(parents=True, exist_ok=True)
+    if (
+        (out / "config.yaml").is_file()
+        and (out / MANIFEST).exists() is False
+        and any((out / name).exists() for name in ("labels.json", "metrics.json", "folds"))
+    ):
+        raise ValueError(
+            f"--out {out} is an `xraycls train` run folder; give ingest its own folder"
+        )
+    prepare_output_dir(out)
     cache = ImageCache(out / "cache")
     label_rows = {r["path"]: r for r in read_labels(labels)} if labels else None
     extra_cols = _extra_columns(label_rows)
@@ -125,7 +134,10 @@ def ingest(
             path = Path(row["path"])
             row["cache_path"] = os.path.relpath(row["cache_path"], out) if row["cache_path"] else ""
             row |= _label_fields(path, src, label_rows, row)
-            journal.append(row)
+            try:
+                journal.append(row)
+            except OSError as e:  # disk full mid-run: the manifest is intact, the run resumes
+                raise output_error(out / JOURNAL, e) from e
             rows[row["path"]] = row
             done += 1
             if on_progress:
@@ -158,7 +170,9 @@ def process_one(path: str, prep: Preprocessing, cache_root: str) -> dict[str, st
     except ImageReadError as e:
         row["error"] = e.short()
         return row
-    except Exception as e:  # a decoder bug must cost one row, not the batch
+    except (KeyboardInterrupt, SystemExit, OutputError):  # the cache cannot be written: stop
+        raise
+    except BaseException as e:  # a decoder bug (or a native panic) must cost one row, not the batch
         row["error"] = f"internal_error: {type(e).__name__}: {e}"
         return row
     m = res.meta
@@ -185,37 +199,43 @@ def process_one(path: str, prep: Preprocessing, cache_root: str) -> dict[str, st
     return row
 
 
-def _process_chunk(paths: list[str], prep: Preprocessing, cache_root: str) -> list[dict[str, str]]:
-    return [process_one(p, prep, cache_root) for p in paths]
-
-
 def _run(
     todo: list[Path], prep: Preprocessing, cache_root: Path, workers: int | None
 ) -> Iterator[dict[str, str]]:
-    """Yield rows as files finish, decoding in worker processes with bounded look-ahead.
+    """Yield rows as files finish, each file decoded in an isolated decoder process.
 
-    Files go to workers in small chunks: one task per 8 KB JPEG would cost more in inter-process
-    traffic than decoding it. A kill loses at most the chunks in flight (they are redone).
+    A decoder that aborts, hangs past the per-file limit or exceeds its memory cap costs only
+    its file (a ``decoder_crashed`` / ``decoder_timeout`` row, kept on re-runs like any error);
+    the pool replaces it and decodes the rest. ``workers=0`` decodes in this process (no
+    isolation).
     """
-    n = workers or min(os.cpu_count() or 1, 8)
-    if n <= 1 or len(todo) <= 1:
-        for p in todo:
-            yield process_one(str(p), prep, str(cache_root))
+    n = min(os.cpu_count() or 1, 8) if workers is None else workers
+    if n <= 0:  # in this process, through a journal (see DecodeJournal)
+        journal = DecodeJournal(cache_root.parent / ".decoding")
+        for i, out in run_journaled(
+            journal, process_one, [str(p) for p in todo], prep, str(cache_root)
+        ):
+            yield _failed_row(todo[i], out) if isinstance(out, ImageReadError) else out
+        journal.close()
         return
-    size = max(1, min(16, len(todo) // (4 * n)))
-    chunks = [[str(p) for p in todo[i : i + size]] for i in range(0, len(todo), size)]
-    pending: set[Future[list[dict[str, str]]]] = set()
-    with ProcessPoolExecutor(max_workers=n) as pool:
-        for chunk in chunks:
-            pending.add(pool.submit(_process_chunk, chunk, prep, str(cache_root)))
-            if len(pending) >= 2 * n:
-                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
-                for f in finished:
-                    yield from f.result()
-        while pending:
-            finished, pending = wait(pending, return_when=FIRST_COMPLETED)
-            for f in finished:
-                yield from f.result()
+    with DecoderPool(min(n, max(1, len(todo)))) as pool:
+        for i, out in pool.imap_unordered(
+            process_one, [str(p) for p in todo], prep, str(cache_root)
+        ):
+            if isinstance(out, ImageReadError):
+                yield _failed_row(todo[i], out)
+            else:
+                yield out
+
+
+def _failed_row(path: Path, error: ImageReadError) -> dict[str, str]:
+    row = {"path": str(path), "status": "error", "error": error.short(), "cache_path": ""}
+    try:
+        st = path.stat()
+        row |= {"size_bytes": str(st.st_size), "mtime_ns": str(st.st_mtime_ns)}
+    except OSError:
+        pass
+    return row
 
 
 def _fold_previous_run(

@@ -220,3 +220,17 @@ def preprocess_file(
     return Preprocessed(
         pixels, rendered.meta, box, digest, stored, rendered.pixels if keep_rendered else None
     )
+
+
+def check_file(path: str | Path, prep: Preprocessing, cache: ImageCache | None = None) -> str:
+    """Decode and preprocess one file (filling ``cache``) and return its content hash, without
+    handing the pixels back: the check that a decoder process runs for training's preflight.
+
+    Raises:
+        ImageReadError: The file cannot be read.
+    """
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return preprocess_file(path, prep, cache=cache).content_sha256

@@ -12,6 +12,7 @@ Reading is split in two so that the viewer can re-window without decoding again:
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
@@ -25,6 +26,8 @@ from xraycls.io.image import (
     RawImage,
     Window,
     XrayImage,
+    check_values,
+    decoding,
     render,
 )
 from xraycls.io.raster import load_raster
@@ -63,16 +66,26 @@ def read_image(
             message names the file and the reason.
     """
     raw = load_image(path, max_pixels=max_pixels, data=data)
-    return render(raw, window=window, percentiles=percentiles)
+    return render(raw, window=window, percentiles=percentiles)  # finite 2-D float32 in [0, 1]
 
 
 def load_image(
     path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS, data: bytes | None = None
 ) -> RawImage:
-    """Decode a file into modality values without choosing a window. See :func:`read_image`."""
+    """Decode a file into modality values without choosing a window. See :func:`read_image`.
+
+    Returns only finite 2-D float32 values (:func:`~xraycls.io.image.check_values`); raises only
+    :class:`ImageReadError` subclasses, whatever the codec raises.
+    """
     path = Path(path)
     if data is None:
         data = read_bytes(path)
+    with decoding(path):
+        raw = _load(path, data, max_pixels)
+    return check_values(raw)
+
+
+def _load(path: Path, data: bytes, max_pixels: int) -> RawImage:
     kind = sniff_format(data[:132])
     if kind == "dicom":
         return load_dicom(path, data, max_pixels=max_pixels)
@@ -134,7 +147,13 @@ def iter_image_files(root: str | Path) -> Iterator[Path]:
 def read_bytes(path: Path) -> bytes:
     """A file's bytes, with :class:`ImageReadError` for missing, unreadable or huge files."""
     try:
-        size = path.stat().st_size
+        st = path.stat()
+        if not stat.S_ISREG(st.st_mode):
+            if stat.S_ISDIR(st.st_mode):
+                raise ImageReadError(path, "is a directory")
+            kind = _special_kind(st.st_mode)
+            raise ImageReadError(path, f"is {kind}, not a regular file; refusing to read it")
+        size = st.st_size
         if size > MAX_FILE_BYTES:
             raise ImageTooLargeError(
                 path, f"file is {size / 1024**3:.1f} GiB, over the 2 GiB limit"
@@ -148,6 +167,16 @@ def read_bytes(path: Path) -> bytes:
         raise ImageReadError(path, "is a directory") from e
     except OSError as e:
         raise ImageReadError(path, f"cannot read file: {e.strerror or e}") from e
+
+
+def _special_kind(mode: int) -> str:
+    if stat.S_ISFIFO(mode):
+        return "a FIFO (named pipe: reading it could block forever)"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    return "a special file"
 
 
 def _describe_content(head: bytes) -> str:

@@ -40,7 +40,7 @@ from xraycls.bundle.format import (
     write_oof,
     write_served,
 )
-from xraycls.errors import ConfigError
+from xraycls.errors import ConfigError, OutputError
 from xraycls.evaluation.metrics import (
     auroc,
     bootstrap_ci,
@@ -53,7 +53,7 @@ from xraycls.evaluation.metrics import (
     softmax,
 )
 from xraycls.evaluation.splits import holdout_split, patient_folds, positives_per_part
-from xraycls.io.files import write_json_atomic, write_text_atomic
+from xraycls.io.files import prepare_output_dir, write_json_atomic, write_text_atomic
 from xraycls.io.manifest import read_table, write_table
 from xraycls.io.ood import reference_from_files
 from xraycls.io.preprocess import ImageCache, Preprocessing
@@ -523,11 +523,9 @@ def _write_bundle(ctx: RunContext, oof: OutOfFold, metrics: dict[str, Any]) -> N
 
 def _claim_run_dir(out: Path, cfg: Config, *, write: bool = True) -> None:
     try:
-        out.mkdir(parents=True, exist_ok=True)
-    except (FileExistsError, NotADirectoryError) as e:
-        raise ConfigError(f"--out {out}: a file is in the way of this run folder") from e
-    except PermissionError as e:
-        raise ConfigError(f"--out {out}: not writable ({e.strerror})") from e
+        prepare_output_dir(out)
+    except OutputError as e:
+        raise ConfigError(str(e)) from e
     if (out / "manifest.csv").exists() and (out / "ingest.json").exists():
         raise ConfigError(f"--out {out} is an `xraycls ingest` folder; give a run folder")
     saved = out / "config.yaml"
@@ -540,8 +538,8 @@ def _claim_run_dir(out: Path, cfg: Config, *, write: bool = True) -> None:
         return
     try:
         write_text_atomic(saved, text)
-    except PermissionError as e:
-        raise ConfigError(f"--out {out}: not writable ({e.strerror})") from e
+    except (PermissionError, OutputError) as e:
+        raise ConfigError(f"--out {out}: not writable ({e})") from e
 
 
 def _write_csv(ctx: RunContext, path: Path, rows: list[dict[str, Any]], cols: list[str]) -> None:

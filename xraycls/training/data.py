@@ -9,6 +9,7 @@ same function the predictor uses).
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,8 +22,15 @@ from torch.utils.data import Dataset
 
 from xraycls.errors import ConfigError, ImageReadError
 from xraycls.evaluation.splits import grouped_subset
+from xraycls.io.isolate import DecoderPool
 from xraycls.io.manifest import LabelsError, read_labels
-from xraycls.io.preprocess import ImageCache, Preprocessing, preprocess_file, read_cached
+from xraycls.io.preprocess import (
+    ImageCache,
+    Preprocessing,
+    check_file,
+    preprocess_file,
+    read_cached,
+)
 from xraycls.models.weights import Normalization, to_model_input
 from xraycls.training.config import NO_FINDING, AugmentConfig, DataConfig
 
@@ -297,26 +305,29 @@ def _usable_cache_entries(
 
 
 def preflight(
-    table: Table, prep: Preprocessing, cache: ImageCache | None
+    table: Table, prep: Preprocessing, cache: ImageCache | None, *, workers: int | None = None
 ) -> tuple[Table, list[dict[str, str]]]:
-    """Decode every image once (filling the cache); drop the unreadable ones.
+    """Decode every image once (filling the cache) in isolated decoder processes; drop the
+    unreadable ones.
+
+    A file that crashes or hangs its decoder is excluded like any unreadable file
+    (``decoder_crashed`` / ``decoder_timeout``) instead of killing the run before its first epoch.
 
     Returns:
-        The readable rows, and ``{path, error}`` for each dropped image, so that one bad file
-        costs one image, not the run.
+        The readable rows, and ``{path, error}`` for each dropped image (in table order), so that
+        one bad file costs one image, not the run.
     """
-    keep, excluded = [], []
-    for i, path in enumerate(table.paths):
-        if table.cached and table.cached[i]:
-            keep.append(i)
-            continue
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                preprocess_file(path, prep, cache=cache)
-            keep.append(i)
-        except ImageReadError as e:
-            excluded.append({"path": path, "error": e.short()})
+    todo = [i for i in range(len(table)) if not (table.cached and table.cached[i])]
+    failed: dict[int, str] = {}
+    if todo:
+        n = workers or min(os.cpu_count() or 1, 4)
+        with DecoderPool(min(n, len(todo))) as pool:
+            paths = [table.paths[i] for i in todo]
+            for j, out in pool.imap_unordered(check_file, paths, prep, cache):
+                if isinstance(out, ImageReadError):
+                    failed[todo[j]] = out.short()
+    keep = [i for i in range(len(table)) if i not in failed]
+    excluded = [{"path": table.paths[i], "error": failed[i]} for i in sorted(failed)]
     return table.subset(np.array(keep, dtype=np.int64)), excluded
 
 
