@@ -464,3 +464,29 @@ def _tiny_multiclass(tmp_path: Path) -> Path:
     )
     write_oof(src, oof, np.full((2, 2), 0.5))
     return src
+
+
+def test_dicom_results_carry_one_decision_per_finding(ml_run: Path, tmp_path: Path) -> None:
+    """The SR of a multi-label bundle names every finding with its probability and its own
+    decision (the finding at or above its threshold), as the results CSV does."""
+    pytest.importorskip("highdicom", reason="the pacs extra (highdicom) is not installed")
+    import shutil
+
+    import pydicom
+    from pydicom.data import get_testdata_file
+
+    from xraycls.inference.scoring import score
+    from xraycls.io.dicom_results import read_sr_findings
+
+    src = tmp_path / "src"
+    src.mkdir()
+    shutil.copy(get_testdata_file("CT_small.dcm"), src / "ct.dcm")
+    out, dcm = tmp_path / "r.csv", tmp_path / "dcm"
+    score(src, out, run=ml_run, workers=0, device="cpu", dicom_out=dcm)
+    (row,) = list(csv.DictReader(out.open()))
+    assert row["status"] == "ok", row
+    found = read_sr_findings(pydicom.dcmread(row["dicom_path"]))
+    assert set(found) == set(FINDINGS)
+    for f in FINDINGS:
+        assert found[f][0] == pytest.approx(float(row[f"prob_{f}"]), abs=1e-6)
+        assert found[f][1] == (row[f"dec_{f}"] == "1")

@@ -240,9 +240,13 @@ def _train_run(cfg: Config, run_dir: Path) -> None:
     if not main_rank:
         return
     pooled = result.metrics["pooled_oof"]
+    if "accuracy" in pooled:
+        what = f"AUROC {pooled['auroc']:.4f} (accuracy {pooled['accuracy']:.4f}, "
+    else:  # findings: macro AUROC over the findings, micro beside it
+        what = f"macro AUROC {pooled['auroc']:.4f} (micro {pooled['auroc_micro']:.4f}, "
     typer.echo(
-        f"train: pooled OOF AUROC {pooled['auroc']:.4f} (accuracy {pooled['accuracy']:.4f}, "
-        f"{result.metrics['n_images']} images, {cfg.cv.folds} folds) in {result.seconds:.0f} s -> {run_dir}"
+        f"train: pooled OOF {what}{result.metrics['n_images']} images, {cfg.cv.folds} folds) "
+        f"in {result.seconds:.0f} s -> {run_dir}"
     )
 
 

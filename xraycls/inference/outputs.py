@@ -40,10 +40,15 @@ def output_name(path: Path, root: Path, suffix: str) -> Path:
 
 
 def findings_of(predictor: Predictor, pred: Prediction) -> list[Finding]:
-    """One finding per class: its calibrated probability and whether it is the decision."""
+    """One finding per class: its calibrated probability and whether it is the decision
+    (multi-label: whether that finding reaches its own threshold)."""
+    if pred.decisions is not None:
+        present = [bool(d) for d in pred.decisions]
+    else:
+        present = [c == pred.predicted for c in predictor.classes]
     return [
-        Finding(name=c, probability=float(p), present=c == pred.predicted)
-        for c, p in zip(predictor.classes, pred.probs, strict=True)
+        Finding(name=c, probability=float(p), present=d)
+        for c, p, d in zip(predictor.classes, pred.probs, present, strict=True)
     ]
 
 

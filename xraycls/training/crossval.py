@@ -405,8 +405,9 @@ def _run_metrics(
 ) -> dict[str, Any]:
     """``metrics.json``: pooled OOF and floor metrics, per fold, and what the run cost."""
     assert oof.floor is not None
+    distillation = {"distillation": ctx.teacher.summary()} if ctx.teacher is not None else {}
     if oof.labels.ndim == 2:
-        return _multilabel_run_metrics(ctx, oof, fold_metrics, timings)
+        return _multilabel_run_metrics(ctx, oof, fold_metrics, timings) | distillation
     headline = ("auroc", "accuracy", "sensitivity", "specificity", "f1", "balanced_accuracy")
     infer = [t["inference_seconds_per_image"] for t in timings if t["inference_seconds_per_image"]]
     return {
@@ -422,7 +423,7 @@ def _run_metrics(
         "amp": ctx.amp.describe(),
         "train_seconds_per_image": float(np.mean([t["train_seconds_per_image"] for t in timings])),
         "inference_seconds_per_image": float(np.mean(infer)) if infer else None,
-    } | ({"distillation": ctx.teacher.summary()} if ctx.teacher is not None else {})
+    } | distillation
 
 
 def _multilabel_run_metrics(
