@@ -12,7 +12,7 @@ import warnings
 import numpy as np
 from sklearn.linear_model import LogisticRegressionCV
 from sklearn.model_selection import GroupKFold
-from sklearn.pipeline import make_pipeline
+from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from xraycls.io.preprocess import ImageCache, Preprocessing
@@ -54,19 +54,7 @@ def floor_oof_probs(
     for k in np.unique(folds):
         tr, te = folds != k, folds == k
         inner = list(GroupKFold(n_splits=3).split(features[tr], labels[tr], groups[tr]))
-        model = make_pipeline(
-            StandardScaler(),
-            LogisticRegressionCV(
-                Cs=np.logspace(-4, 1, 6),
-                cv=inner,
-                max_iter=3000,
-                scoring="neg_log_loss",
-                random_state=seed,
-            ),
-        )
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # convergence chatter on tiny folds
-            model.fit(features[tr], labels[tr])
+        model = _fit_floor(features[tr], labels[tr], inner, seed)
         p = model.predict_proba(features[te])
         cols = model[-1].classes_
         probs[np.ix_(te, cols)] = p
@@ -99,18 +87,27 @@ def floor_oof_multilabel(
             yj = y[tr, j].astype(np.int64)
             splitter = StratifiedGroupKFold(n_splits=3, shuffle=True, random_state=seed)
             inner = list(splitter.split(features[tr], yj, groups[tr]))
-            model = make_pipeline(
-                StandardScaler(),
-                LogisticRegressionCV(
-                    Cs=np.logspace(-4, 1, 6),
-                    cv=inner,
-                    max_iter=3000,
-                    scoring="neg_log_loss",
-                    random_state=seed,
-                ),
-            )
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                model.fit(features[tr], yj)
+            model = _fit_floor(features[tr], yj, inner, seed)
             probs[te, j] = model.predict_proba(features[te])[:, 1]
     return probs
+
+
+def _fit_floor(
+    x: np.ndarray, y: np.ndarray, inner: list[tuple[np.ndarray, np.ndarray]], seed: int
+) -> Pipeline:
+    """The floor's model on one training fold: standardised pixels, logistic regression with
+    its strength chosen by log loss over the given (patient-grouped) inner splits."""
+    model = make_pipeline(
+        StandardScaler(),
+        LogisticRegressionCV(
+            Cs=np.logspace(-4, 1, 6),
+            cv=inner,
+            max_iter=3000,
+            scoring="neg_log_loss",
+            random_state=seed,
+        ),
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # convergence chatter on tiny folds
+        model.fit(x, y)
+    return model
