@@ -263,6 +263,41 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(
     )
 
 
+def test_select_last_keeps_the_end_of_the_schedule(shared_data: Path, tmp_path: Path) -> None:
+    from xraycls.training.crossval import run_training
+
+    three = "train.stages=[{epochs: 3, train: all, lr: 0.001}]"
+    messages: list[str] = []
+    cfg = _smoke_cfg(shared_data, three, "train.early_stopping_patience=1", "train.select=last")
+    result = run_training(cfg, tmp_path / "r", log=messages.append)
+    rows = list(csv.DictReader((tmp_path / "r" / "log.csv").open()))
+    # patience 1 is ignored: every fold runs its 3 epochs and keeps the third.
+    assert [(r["model"], r["epoch"]) for r in rows] == [
+        (f"fold{k}", str(e)) for k in range(2) for e in range(3)
+    ]
+    assert [f["best_epoch"] for f in result.metrics["folds"]] == [2, 2]
+    assert not any("early stop" in m for m in messages)
+
+
+def test_select_best_keeps_the_best_inner_epoch_weights(tmp_path: Path) -> None:
+    from xraycls.models.weights import load_weights
+    from xraycls.training.fold import _update_state
+
+    model = torch.nn.Linear(2, 1)
+    state = {"best_score": -float("inf"), "best_epoch": -1, "bad_epochs": 0}
+    state |= {"train_seconds": 0.0, "train_images": 0}
+    tr = {"seconds": 1.0, "images": 4}
+    for keep_last in (False, True):
+        for epoch, auroc in enumerate([0.9, 0.7]):  # the second epoch is worse
+            torch.nn.init.constant_(model.weight, float(epoch))
+            val = {"auroc": auroc, "loss": 0.5}
+            _update_state(state, tr, val, epoch, 0, True, model, tmp_path, keep_last=keep_last)
+        kept = load_weights(tmp_path / "best.safetensors")["weight"]
+        assert state["best_epoch"] == (1 if keep_last else 0)
+        assert torch.equal(kept, torch.full_like(kept, 1.0 if keep_last else 0.0))
+        state.update(best_score=-float("inf"), best_epoch=-1, bad_epochs=0)
+
+
 def test_cli_train_smoke(shared_data: Path, tmp_path: Path) -> None:
     from xraycls.cli import app
 

@@ -457,7 +457,9 @@ def models(
             n = sum(
                 p.numel() for p in create_model(name, num_classes=2, image_size=224).parameters()
             )
-        weights = spec.pretrained_hint or "none (tiny test variant)"
+        weights = spec.pretrained_hint or (
+            "none (tiny test variant)" if spec.is_test else "none (trained from scratch)"
+        )
         typer.echo(f"{name:<18} {spec.family:<7} {n / 1e6:>10.2f}M  {size:>5}x{size:<3}  {weights}")
     typer.echo(
         f"input: the default model.image_size ({size}); any multiple of 32 works (ViT and Swin "

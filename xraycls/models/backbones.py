@@ -608,6 +608,25 @@ def maxvit_test(spec: BackboneSpec, **kw: Any) -> XrayClassifier:
     return MaxVitClassifier.build(spec, cfg=cfg, **kw)
 
 
+@_maxvit("maxvit_pico")
+def maxvit_pico(spec: BackboneSpec, **kw: Any) -> XrayClassifier:
+    """MaxViT small enough to train from scratch on 2 CPU cores: the maxvit_tiny_tf block design
+    at embed 16-32-48-64, depths 1-1-2-1, 16-dim heads (0.36M parameters; about twice the step
+    cost of ``maxvit_test``). The backbone of ``configs/cpu_reference.yaml``."""
+    from timm.models.maxxvit import model_cfgs
+
+    tiny = model_cfgs["maxvit_tiny_tf"]
+    cfg = dataclasses.replace(
+        tiny,
+        embed_dim=(16, 32, 48, 64),
+        depths=(1, 1, 2, 1),
+        stem_width=16,
+        head_hidden_size=64,
+        transformer_cfg=dataclasses.replace(tiny.transformer_cfg, dim_head=16),
+    )
+    return MaxVitClassifier.build(spec, cfg=cfg, **kw)
+
+
 @_vit("vit_base_patch16", pretrained_hint="google/vit-base-patch16-224-in21k")
 def vit_base_patch16(spec: BackboneSpec, **kw: Any) -> XrayClassifier:
     """ViT-B/16, 86M parameters: hidden 768, 12 layers, 12 heads."""

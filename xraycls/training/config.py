@@ -149,6 +149,11 @@ class TrainConfig(_Strict):
     label_smoothing: float = Field(default=0.0, ge=0, lt=1)
     early_stopping_patience: int | None = Field(default=3, ge=1)
     """Stop after this many epochs without inner-validation AUROC gain (last stage only)."""
+    select: Literal["best", "last"] = "best"
+    """Which epoch's weights a fold keeps. ``best``: the highest inner-validation AUROC (with
+    early stopping). ``last``: the end of the schedule, no early stopping; the inner set is
+    then only watched. A small inner set's AUROC is noisy enough to pick an undertrained
+    epoch-1 model when training from scratch; a full cosine schedule's end is not."""
     inner_val_fraction: float = Field(default=0.15, gt=0, lt=0.5)
     """Patients held out of each training fold for early stopping and checkpoint selection, so
     the outer fold's out-of-fold predictions are never used to choose anything."""

@@ -157,6 +157,7 @@ def _cross_validate(ctx: RunContext, holdout: Table, t0: float) -> TrainResult:
         ctx.teacher = _open_teacher(ctx, folds, holdout)
     oof_logits = np.zeros((len(table), len(table.classes)), dtype=np.float32)
     fold_metrics, timings = [], []
+    kept = "best inner epoch" if cfg.train.select == "best" else "kept the last epoch,"
     for k in range(cfg.cv.folds):
         test, train = np.flatnonzero(folds == k), np.flatnonzero(folds != k)
         result = train_fold(ctx, f"fold{k}", seed=cfg.seed + k, train_idx=train, test_idx=test)
@@ -171,7 +172,7 @@ def _cross_validate(ctx: RunContext, holdout: Table, t0: float) -> TrainResult:
         )
         log(
             f"fold {k}: {'macro AUROC' if table.multilabel else 'AUROC'} {m['auroc']:.4f}, "
-            f"{second.replace('_', ' ')} {m[second]:.4f} (best inner epoch {result.best_epoch})"
+            f"{second.replace('_', ' ')} {m[second]:.4f} ({kept} {result.best_epoch})"
         )
     if cfg.cv.refit:
         refit = train_fold(ctx, "refit", seed=cfg.seed + 1000, train_idx=np.arange(len(table)))

@@ -273,8 +273,9 @@ def _run_epochs(
     """The staged epoch loop of one model, resuming from its last checkpoint.
 
     After each epoch the model is scored on the inner validation set; the best epoch's weights
-    are kept in ``best.safetensors``; in the last stage, ``train.early_stopping_patience``
-    epochs without improvement end the loop. Returns the loop's state (best epoch, timings).
+    (``train.select: last``: the latest epoch's) are kept in ``best.safetensors``; in the last
+    stage, ``train.early_stopping_patience`` epochs without improvement end the loop (not with
+    ``select: last``). Returns the loop's state (best epoch, timings).
     """
     cfg, stages, dist = ctx.cfg, ctx.cfg.train.stages, ctx.dist
     fold_dir, ckpt_dir = ctx.out / name, ctx.out / name / "checkpoint"
@@ -328,7 +329,18 @@ def _run_epochs(
             channels_last=channels_last,
             gather=partial(gather_predictions, dist),
         )
-        _update_state(state, tr, val, g, s, last_stage, model, fold_dir, write=dist.main)
+        _update_state(
+            state,
+            tr,
+            val,
+            g,
+            s,
+            last_stage,
+            model,
+            fold_dir,
+            write=dist.main,
+            keep_last=cfg.train.select == "last",
+        )
         if dist.main:
             _log_epoch(ctx, name, g, s, stage, optimizer, tr, val)  # a resume trims re-runs
             save_checkpoint(
@@ -336,7 +348,8 @@ def _run_epochs(
             )
         barrier(dist)
         patience = cfg.train.early_stopping_patience
-        if last_stage and patience and state["bad_epochs"] >= patience:  # same on every rank
+        stop = last_stage and patience and cfg.train.select == "best"
+        if stop and state["bad_epochs"] >= patience:  # same on every rank
             ctx.log(f"{name}: early stop after epoch {g + 1}")
             break
     return state
@@ -465,13 +478,15 @@ def _update_state(
     fold_dir: Path,
     *,
     write: bool = True,
+    keep_last: bool = False,
 ) -> None:
     """Record an epoch: timings, and the best inner-validation score (its weights kept by the
-    process that ``write``s)."""
+    process that ``write``s). ``keep_last``: every epoch replaces the kept weights, so the fold
+    ends with the schedule's last epoch."""
     score = val["auroc"] if not math.isnan(val["auroc"]) else -val["loss"]
     state["train_seconds"] += tr["seconds"]
     state["train_images"] += int(tr["images"])
-    if score > state["best_score"]:
+    if keep_last or score > state["best_score"]:
         state.update(best_score=score, best_epoch=g, bad_epochs=0)
         if write:
             save_weights(fold_dir / "best.safetensors", model.state_dict())
