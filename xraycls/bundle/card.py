@@ -278,7 +278,9 @@ def configuration_section(name: str, entry: dict[str, Any], *, default: bool) ->
         f"- Discrimination: AUROC {_ci(v['auroc'])}.",
         f"- Calibrator: `{entry['method']}`, chosen by {entry['selection']['criterion']} ({sel}).",
         f"- Top-label ECE {_ci(v['ece_uncalibrated'])} uncalibrated -> {_ci(v['ece'])} "
-        f"calibrated; Brier {_ci(v['brier'])}; NLL {_ci(v['nll'])}.",
+        f"calibrated; Brier {_ci(v['brier'])}; NLL {_ci(v['nll'])}. ECE intervals are basic "
+        "bootstrap intervals: resampling inflates a binned ECE, the basic interval corrects "
+        "for it, so it can lie below the plug-in estimate.",
         "",
         "| class | P(class) ECE | calibration intercept | calibration slope | observed rate | "
         "mean predicted |",

@@ -172,7 +172,7 @@ def _cross_validate(ctx: RunContext, holdout: Table, t0: float) -> TrainResult:
         )
         log(
             f"fold {k}: {'macro AUROC' if table.multilabel else 'AUROC'} {m['auroc']:.4f}, "
-            f"{second.replace('_', ' ')} {m[second]:.4f} ({kept} {result.best_epoch})"
+            f"{second.replace('_', ' ')} {m[second]:.4f} ({kept} {result.best_epoch + 1})"
         )
     if cfg.cv.refit:
         refit = train_fold(ctx, "refit", seed=cfg.seed + 1000, train_idx=np.arange(len(table)))
