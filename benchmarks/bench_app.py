@@ -11,8 +11,9 @@ Bundles (random initialisation: latency does not depend on the weights' values, 
 pretrained weights can be downloaded here; the calibration is a temperature fitted to synthetic
 logits and the threshold is a placeholder, all marked as such in the bundle):
 
-* ``demo``: the demo config's backbone and size (``swin_test``, 224 px) with its 5 fold models
-  and a refit model; the viewer uses the fold ensemble (5 forwards, ensemble CAM).
+* ``demo``: the demo config's backbone and size when the figures in docs/benchmarks.md were
+  measured (``swin_test``, 224 px) with its 5 fold models and a refit model; the viewer uses the
+  fold ensemble (5 forwards, ensemble CAM). Kept so that the figures stay comparable.
 * ``swin_tiny_1024``: Swin-T at 1024², one (refit) model.
 
 Each bundle runs with torch's default threads (one per core) and with 1 thread: on a CPU

@@ -198,7 +198,7 @@ def main() -> None:
         )
     print("part 2: engine vs bare loop")
     result["engine"] = [
-        part2("swin_test", 224, 32, 6, 5),  # the demo model and batch
+        part2("swin_test", 224, 32, 6, 5),  # the previous demo's model and batch
         part2("resnet50", 224, 8, 3, 3),
     ]
     for r in result["engine"]:

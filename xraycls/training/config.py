@@ -76,7 +76,8 @@ class DataConfig(_Strict):
     resize: Literal["letterbox", "squash"] = "letterbox"
     window: Literal["auto", "header", "none", "percentile"] = "auto"
     cache_dir: Path | None = None
-    """On-disk uint16 cache of preprocessed images; worth it for full-size DICOM, not 224-px JPEG."""
+    """On-disk uint16 cache of preprocessed images: saves the decode and resize of every image in
+    every epoch and run (full-size DICOM above all; the CPU recipes use it for the 224-px PNGs)."""
     num_workers: int = Field(default=0, ge=0)
 
 
